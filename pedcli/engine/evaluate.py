@@ -1,0 +1,127 @@
+"""Evaluate a method on embedded features: exact or two-stage scores, optional re-ranking, metrics, report.
+
+Text→image is the benchmark task; image→text is reported too (IRRA does the same). Re-ranking applies to
+text→image only (both re-rankers are defined for a text query against an image gallery). With a
+two-stage shortlist the exact metrics are computed as well (unless switched off) so the report says how
+far the fast path is from the exact one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pedcli.engine.metrics import DEFAULT_KS, retrieval_metrics
+from pedcli.engine.rerank import kreciprocal, rvn
+from pedcli.engine.scoring import score_matrix, two_stage_scores
+from pedcli.errors import PedError
+from pedcli.fileio import write_json_atomic
+from pedcli.models.methods.base import Features, Method
+
+RERANKERS = {"rvn": rvn, "kreciprocal": kreciprocal}
+Metrics = dict[str, Any]
+
+
+def _rerank(
+    name: str, sim: torch.Tensor, text_feats: Features, image_feats: Features, options: dict[str, Any]
+) -> torch.Tensor:
+    if name not in RERANKERS:
+        raise PedError(f"unknown re-ranking '{name}'", f"choose one of: {', '.join(RERANKERS)}")
+    return RERANKERS[name](sim, text_feats["global"], image_feats["global"], **options)
+
+
+def _both(
+    t2i: torch.Tensor, i2t: torch.Tensor, text_pids: torch.Tensor, image_pids: torch.Tensor, ks: Sequence[int]
+) -> dict[str, Metrics]:
+    """Metrics of text→image from `t2i` rows and image→text from `i2t` columns (both [n_text, n_image])."""
+    return {
+        "t2i": retrieval_metrics(t2i, text_pids, image_pids, ks),
+        "i2t": retrieval_metrics(i2t.T, image_pids, text_pids, ks),
+    }
+
+
+def _difference(a: Metrics, b: Metrics) -> Metrics:
+    return {k: a[k] - b[k] for k in a if k not in ("queries", "gallery")}
+
+
+def evaluate(
+    method: Method,
+    text_feats: Features,
+    image_feats: Features,
+    text_pids: torch.Tensor,
+    image_pids: torch.Tensor,
+    rerank_top: int | None = None,
+    rerank: str | None = None,
+    *,
+    rerank_options: dict[str, Any] | None = None,
+    compare_exact: bool = True,
+    ks: Sequence[int] = DEFAULT_KS,
+    pair_chunk: int | None = None,
+) -> Metrics:
+    """Metrics dict: {"t2i", "i2t", "scoring", "seconds"} and, when asked, {"exact", "difference"}
+    (two-stage minus exact) and {"t2i_before_rerank"}."""
+    text_pids, image_pids = torch.as_tensor(text_pids), torch.as_tensor(image_pids)
+    seconds: dict[str, float] = {}
+    result: Metrics = {"scoring": "exact" if rerank_top is None else f"two-stage top-{rerank_top}"}
+    exact: torch.Tensor | None = None
+    if rerank_top is None or compare_exact:
+        t0 = time.perf_counter()
+        exact = score_matrix(method, text_feats, image_feats)
+        seconds["exact"] = time.perf_counter() - t0
+    if rerank_top is None:
+        assert exact is not None
+        t2i = i2t = exact
+    else:
+        t0 = time.perf_counter()
+        kw = {} if pair_chunk is None else {"pair_chunk": pair_chunk}
+        t2i = two_stage_scores(method, text_feats, image_feats, rerank_top, queries="text", **kw)
+        i2t = two_stage_scores(method, text_feats, image_feats, rerank_top, queries="image", **kw)
+        seconds["two_stage"] = time.perf_counter() - t0
+        result["rerank_top"] = rerank_top
+        if exact is not None:
+            result["exact"] = _both(exact, exact, text_pids, image_pids, ks)
+    if rerank is not None:
+        result["t2i_before_rerank"] = retrieval_metrics(t2i, text_pids, image_pids, ks)
+        t0 = time.perf_counter()
+        t2i = _rerank(rerank, t2i, text_feats, image_feats, rerank_options or {})
+        seconds["rerank"] = time.perf_counter() - t0
+        result["rerank"] = {"name": rerank, **(rerank_options or {})}
+    result.update(_both(t2i, i2t, text_pids, image_pids, ks))
+    if "exact" in result:
+        result["difference"] = {d: _difference(result[d], result["exact"][d]) for d in ("t2i", "i2t")}
+    result["seconds"] = seconds
+    return result
+
+
+def metrics_table(result: Metrics, ks: Sequence[int] = DEFAULT_KS) -> Table:
+    """One row per reported ranking: final t2i / i2t, then (when present) before re-ranking, exact, Δ."""
+    cols = [f"R@{k}" for k in ks] + ["mAP", "mINP"]
+    table = Table(title=f"retrieval ({result['scoring']})")
+    table.add_column("task")
+    for c in cols:
+        table.add_column(c, justify="right")
+    rows: list[tuple[str, Metrics, str]] = [("t2i", result["t2i"], ""), ("i2t", result["i2t"], "")]
+    if "t2i_before_rerank" in result:
+        rows.insert(1, ("t2i before re-ranking", result["t2i_before_rerank"], ""))
+    if "exact" in result:
+        rows += [(f"{d} exact", result["exact"][d], "") for d in ("t2i", "i2t")]
+        rows += [(f"{d} two-stage − exact", result["difference"][d], "+") for d in ("t2i", "i2t")]
+    for name, m, sign in rows:
+        table.add_row(name, *(f"{m[c]:{sign}.2f}" for c in cols))
+    return table
+
+
+def print_metrics(result: Metrics, console: Console | None = None) -> None:
+    (console or Console()).print(metrics_table(result))
+
+
+def write_metrics(path: str | Path, result: Metrics, **context: Any) -> Path:
+    """Write `result` plus `context` (run, embeddings, split…) as JSON, atomically."""
+    write_json_atomic(path, {**context, **result})
+    return Path(path)

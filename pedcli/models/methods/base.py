@@ -1,0 +1,194 @@
+"""The one contract every method follows, so the engine never branches on a method's name.
+
+A method is an `nn.Module` subclass registered by name (like timm's `register_model`):
+
+    @register_method("mgel")
+    class MGEL(Method):
+        Config = MGELConfig          # a dataclass: every option and ablation switch, with defaults
+        def __init__(self, cfg: MGELConfig, info: DataInfo): ...
+
+It implements:
+
+- ``stages(cfg_train) -> list[Stage]`` — the paper's training schedule.
+- ``encode_images(batch) -> dict[str, Tensor]`` — per-image features (first dim = batch), storable by
+  ``ped embed``. Must contain ``"global"``: one vector per image used for the two-stage shortlist.
+- ``encode_texts(batch) -> dict[str, Tensor]`` — per-caption features, with ``"global"`` likewise.
+  Variable-length items (words, noun phrases) are padded and come with a ``*_mask`` entry.
+- ``similarity(text_feats, image_feats) -> Tensor[n_text, n_image]`` — scores for every pair of the two
+  given (already chunked by the engine) sets; a matmul for embedding methods, batched cross-attention
+  for PMA / MIA / NAFS. Higher is more similar.
+- ``pair_similarity(text_feats, image_feats) -> Tensor[n]`` — scores of aligned pairs (text i with
+  image i), used to re-score a shortlist without a Python loop per pair. The default takes the
+  diagonal of ``similarity`` row by row; cross-attention methods override it with a batched version.
+- ``losses(batch, stage) -> dict[str, Tensor]`` — the scalar losses of that stage; the engine sums them.
+- optionally ``image_trunk(batch)``: the part of the image path that a stage can freeze (the CNN). When
+  a stage has ``freeze_trunk=True`` the engine computes the trunk output once per image (and flip),
+  caches it on disk, and puts it in ``batch["trunk"]``; ``encode_images`` must then use it.
+- optionally ``explain(text_feats, image_feats) -> dict`` for ``ped query --html``: the attention that
+  explains a match (stripes, regions, noun phrases), as the papers' figures show.
+
+Batch keys (``pedcli.data.dataset`` builds them from the HDF5 cache):
+  image float[B,3,H,W] (ImageNet-normalised), pose float[B,14,h,w] (when the cache has pose maps),
+  image_index long[B] (row in the cache), flip bool[B], pid long[B] (original person id),
+  label long[B] (contiguous train-identity label, -100 outside train),
+  tokens long[B,L] (0 = pad, 1 = unknown), lengths long[B],
+  phrases long[B,P,2] ([start, end) word-token spans, -1 padded), n_phrases long[B],
+  bert_ids long[B,Lb], bert_mask long[B,Lb], bert_spans long[B,S,2] (word-piece [start, end) of each
+  comma-separated sub-sentence, positions in bert_ids), n_spans long[B], caption_index long[B].
+  Image-only batches carry the image keys, text-only batches the text keys, training batches both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pedcli.errors import PedError
+
+Features = dict[str, torch.Tensor]
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about the data to build its layers."""
+
+    num_classes: int  # training identities (identity-classification heads)
+    vocab_size: int  # word vocabulary incl. pad (0) and unknown (1)
+    image_size: tuple[int, int] = (384, 128)  # H, W
+    pose_channels: int = 14
+    bert_model: str | None = None  # local folder of the BERT-family encoder the cache was tokenised with
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a paper's training schedule."""
+
+    name: str
+    epochs: int
+    lr: float
+    losses: tuple[str, ...]  # the loss names `Method.losses` returns in this stage
+    trainable: tuple[str, ...] = ("*",)  # attribute names of the submodules that learn; "*" = all
+    freeze_trunk: bool = False  # trunk frozen: the engine may cache `image_trunk` outputs
+    weight_decay: float = 4e-5
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per-submodule learning-rate multipliers
+
+
+@dataclass
+class TrainConfig:
+    """Engine options every method's `stages` may read (epochs scale, base learning rates)."""
+
+    epochs: int | None = None  # override each stage's epochs (tests, quick runs)
+    lr: float | None = None  # override each stage's learning rate
+    batch_size: int = 64
+
+
+class Method(nn.Module):
+    """Base class: the contract above, plus helpers the engine uses."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+
+    def __init__(self, cfg: Any, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+
+    # ---- the contract -------------------------------------------------------------------------
+    def stages(self, train: TrainConfig) -> list[Stage]:
+        raise NotImplementedError
+
+    def encode_images(self, batch: Batch) -> Features:
+        raise NotImplementedError
+
+    def encode_texts(self, batch: Batch) -> Features:
+        raise NotImplementedError
+
+    def similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pair_similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:
+        n = next(iter(text_feats.values())).shape[0]
+        rows = [slice(i, i + 1) for i in range(n)]
+        pick = index_features
+        scores = [self.similarity(pick(text_feats, r), pick(image_feats, r)) for r in rows]
+        return torch.cat([s.reshape(-1) for s in scores])
+
+    def losses(self, batch: Batch, stage: Stage) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def image_trunk(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The freezable CNN part of the image path; override when a stage freezes it."""
+        raise NotImplementedError(f"{self.name} has no freezable image trunk")
+
+    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
+        return None
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def trunk_output(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """`batch["trunk"]` when the engine cached it, else computed now."""
+        return batch["trunk"] if "trunk" in batch else self.image_trunk(batch)
+
+    def trainable_parameters(self, stage: Stage) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs that learn in `stage`; everything else gets requires_grad=False."""
+        for pname, p in self.named_parameters():
+            if "*" in stage.trainable or pname.split(".")[0] in stage.trainable:
+                yield pname, p
+
+    @classmethod
+    def make_config(cls, overrides: dict[str, Any] | None = None) -> Any:
+        """Build the method's config dataclass from defaults plus `overrides` (unknown keys are an error)."""
+        overrides = dict(overrides or {})
+        names = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise PedError(
+                f"unknown option(s) for method '{cls.name}': {', '.join(unknown)}",
+                f"valid options: {', '.join(sorted(names))}",
+            )
+        return cls.Config(**overrides)
+
+
+def index_features(feats: Features, index: slice | torch.Tensor) -> Features:
+    """Select the same rows of every tensor in a feature dict (first dim = item)."""
+    return {k: v[index] for k, v in feats.items()}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available as `ped train --method NAME`."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def method_class(name: str) -> type[Method]:
+    from pedcli.models import methods  # noqa: F401  (imports every method module, filling the registry)
+
+    if name not in _REGISTRY:
+        raise PedError(f"unknown method '{name}'", f"choose one of: {', '.join(list_methods())}")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[str]:
+    from pedcli.models import methods  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+def create_method(name: str, info: DataInfo, overrides: dict[str, Any] | None = None) -> Method:
+    cls = method_class(name)
+    return cls(cls.make_config(overrides), info)
