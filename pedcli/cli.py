@@ -125,3 +125,128 @@ def preprocess(
         workers=workers,
     )
     run_preprocess(dataset, root, out, opts, annotations=annotations, console=console)
+
+
+@app.command()
+@friendly
+def train(
+    method: str | None = typer.Option(None, "--method", help="Method to train (see `ped methods`)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Cache folder from `ped preprocess`."),
+    run: Path = typer.Option(..., "--run", help="Run folder to create (or to continue with --resume)."),
+    epochs: int | None = typer.Option(None, "--epochs", min=0, help="Epochs per stage (default: method's)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate of each stage (default: method's)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Per process (default 64)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default 0): init and data order."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last checkpoint."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
+    sets: list[str] = typer.Option(
+        [], "--set", help="Method option KEY=VALUE, or train.KEY=VALUE for engine options; repeatable."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars (RUN/train.log still logs)."),
+) -> None:
+    """Train a method on a cache into a run folder (multi-process: launch with torchrun)."""
+    from pedcli.engine.options import parse_assignments
+    from pedcli.engine.runs import read_config
+    from pedcli.engine.train import TrainOptions
+    from pedcli.engine.train import train as run_training
+    from pedcli.models.methods import method_class
+
+    name = method or (read_config(run)["method"] if resume else None)
+    if name is None:
+        raise PedError("--method is required for a new run", "see `ped methods` for the choices")
+    method_opts, train_opts = parse_assignments(sets, method_class(name).Config, TrainOptions)
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
+    train_opts |= {k: v for k, v in given.items() if v is not None}
+    result = run_training(
+        method,
+        cache,
+        run,
+        method_options=method_opts,
+        options=train_opts,
+        seed=seed,
+        resume=resume,
+        device=device,
+        progress=not quiet,
+    )
+    best = result.best
+    console.print(f"[green]{result.run_dir}[/]: best {best['metric']} {best['value']}, epoch {best['epoch']}")
+
+
+@app.command()
+@friendly
+def methods(name: str | None = typer.Argument(None, help="Show only this method.")) -> None:
+    """List the registered methods with their options (set them with `ped train --set KEY=VALUE`)."""
+    from rich.table import Table
+
+    from pedcli.engine.options import describe_options
+    from pedcli.engine.train import TrainOptions
+    from pedcli.models.methods import list_methods, method_class
+
+    for m in [name] if name else list_methods():
+        table = Table(title=f"{m}  (ped train --method {m} --set KEY=VALUE)", title_justify="left")
+        for col in ("option", "type", "default"):
+            table.add_column(col)
+        for row in describe_options(method_class(m).Config):
+            table.add_row(*row)
+        Console().print(table)
+    table = Table(title="engine options (--set train.KEY=VALUE)", title_justify="left")
+    for col in ("option", "type", "default"):
+        table.add_column(col)
+    for row in describe_options(TrainOptions):
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+@friendly
+def embed(
+    run: Path = typer.Option(..., "--run", help="Run folder from `ped train` (or a .pt checkpoint in it)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Cache to embed (default: the run's own cache)."),
+    split: str = typer.Option("test", "--split", help="Split to embed: train, val or test."),
+    out: Path = typer.Option(..., "--out", help="Embeddings file (.h5) to write."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of the run: best or last."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per encoder call."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored feature precision: float16 or float32."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Data-loading worker processes."),
+) -> None:
+    """Encode every image and caption of a split with a trained method and store the features."""
+    from pedcli.engine.embed import embed_run
+
+    path = embed_run(run, cache, split, out, checkpoint, batch_size, device, dtype, workers)
+    console.print(f"wrote {path}")
+
+
+@app.command("eval")
+@friendly
+def evaluate_cmd(
+    run: Path = typer.Option(..., "--run", help="Run folder from `ped train` (or a .pt checkpoint in it)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Encode this cache now (default: the run's)."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate when encoding a cache."),
+    embeddings: Path | None = typer.Option(None, "--embeddings", help="Use a file from `ped embed` instead."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of the run: best or last."),
+    rerank_top: int | None = typer.Option(
+        None, "--rerank-top", min=1, help="Two-stage: score exactly only each query's K best by cosine."
+    ),
+    rerank: str | None = typer.Option(None, "--rerank", help="Re-rank text→image: rvn or kreciprocal."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per encoder call (with --cache)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
+) -> None:
+    """R@1/5/10, mAP and mINP, text→image and image→text (two-stage and re-ranking optional)."""
+    from pedcli.engine.evaluate import evaluate_run, print_metrics, write_metrics
+
+    result = evaluate_run(
+        run,
+        cache=cache,
+        split=split,
+        embeddings=embeddings,
+        checkpoint=checkpoint,
+        rerank_top=rerank_top,
+        rerank=rerank,
+        device=device,
+        batch_size=batch_size,
+    )
+    print_metrics(result, Console())
+    if out is not None:
+        console.print(f"wrote {write_metrics(out, result)}")

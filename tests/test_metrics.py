@@ -60,7 +60,7 @@ def test_ties_keep_gallery_order() -> None:
 def _reference(sim: torch.Tensor, qp: torch.Tensor, gp: torch.Tensor, k: int) -> tuple[float, float, float]:
     """Straightforward per-query loop, written independently of the vectorised code."""
     hits, aps, inps = [], [], []
-    for row, pid in zip(sim.tolist(), qp.tolist()):
+    for row, pid in zip(sim.tolist(), qp.tolist(), strict=True):
         order = sorted(range(len(row)), key=lambda j: (-row[j], j))
         pos = [r + 1 for r, j in enumerate(order) if gp[j] == pid]
         hits.append(pos[0] <= k)

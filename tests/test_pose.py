@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pedcli.data.schema import KEYPOINTS
+from pedcli.data.synth import ANNOTATION, generate
 from pedcli.errors import PedError
 from pedcli.pose import blazepose
 from pedcli.pose.keypoints import (
@@ -158,3 +162,35 @@ def test_blazepose_on_noise_gives_low_score_and_weak_maps_and_survives_pickling(
 def test_blazepose_rejects_non_rgb_input(backend: blazepose.BlazePose) -> None:
     with pytest.raises(PedError, match="RGB uint8"):
         backend.estimate(np.zeros((150, 60), np.uint8))
+
+
+# Measured with seed 0 (61 images of 20 identities): 0.87 of images have most limbs right as drawn, 1.00
+# when left and right may be swapped (back views, which BlazePose reads as front views). Floors sit below.
+STRICT_FLOOR, SIDE_AGNOSTIC_FLOOR = 0.75, 0.9
+TOLERANCE = 0.12  # of the person's height (head top to lowest visible keypoint)
+LIMBS = [k for k, name in enumerate(KEYPOINTS) if name not in ("head_top", "neck")]
+
+
+def most_limbs_found(pred: np.ndarray, truth: np.ndarray) -> bool:
+    """More than half of the visible limb keypoints within TOLERANCE × person height of the truth."""
+    visible = truth[:, 2] > 0
+    seen = [k for k in LIMBS if visible[k]]
+    err = np.linalg.norm(pred[seen, :2] - truth[seen, :2], axis=1)
+    return bool((err < TOLERANCE * np.ptp(truth[visible, 1])).mean() > 0.5)
+
+
+@pytest.mark.blazepose
+def test_blazepose_finds_the_synthetic_people(backend: blazepose.BlazePose, tmp_path: Path) -> None:
+    generate(tmp_path, identities=20, seed=0, progress=False)
+    records = json.loads((tmp_path / ANNOTATION).read_text(encoding="utf-8"))
+    assert len(records) >= 40
+    strict, side_agnostic, scores = [], [], []
+    for rec in records:
+        est = backend.estimate(np.asarray(Image.open(tmp_path / rec["file_path"]).convert("RGB")))
+        truth = np.asarray(rec["keypoints"], dtype=float)
+        strict.append(most_limbs_found(est.keypoints, truth))
+        side_agnostic.append(strict[-1] or most_limbs_found(est.keypoints[list(FLIP_PERMUTATION)], truth))
+        scores.append(est.score)
+    assert np.mean(strict) >= STRICT_FLOOR, f"detection rate {np.mean(strict):.2f} with sides as drawn"
+    assert np.mean(side_agnostic) >= SIDE_AGNOSTIC_FLOOR, f"detection rate {np.mean(side_agnostic):.2f}"
+    assert np.median(scores) > 0.8

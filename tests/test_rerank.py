@@ -59,8 +59,16 @@ def test_kreciprocal_fixes_the_hard_query() -> None:
     sim = cosine_matrix(texts, images)
     assert rank_order(sim)[0, 0] == 2  # the hard text ranks B's image first
     out = kreciprocal(sim, texts, images, k1=2, k2=1, lam=0.3)
-    # Worked through: R(hard text) = {image 1} (image 2's two nearest texts are B's, so it is not
-    # reciprocal); the Jaccard distances then favour A's images: new order 0, 1, 2, 3.
+    # Worked by hand (k1 = 2, so 3 nearest images incl. itself; k2 = 1: no query expansion):
+    #  hard text's 2 nearest images {2, 1}; image 2's 2 nearest texts are B's → R(text) = {1}, V_T = e_1.
+    #  Image sets R*: 0 → {0, 1}, 1 → {1, 0, 2}, 2 → {2, 3, 1}, 3 → {3, 2}; V = exp(cos − 1), normalised:
+    #  V_0[1] = e^(cos8°−1) / (1 + e^(cos8°−1)) = .4976,
+    #  V_1[1] = 1 / (1 + e^(cos8°−1) + e^(cos32°−1)) = .3510, V_2[1] = e^(cos32°−1) / (same sum) = .3015,
+    #  V_3[1] = 0. d_J = 1 − m / (2 − m) with m = V_g[1];
+    #  score = 0.3·cos(angle to the image) − 0.7·d_J with angles 25°, 17°, 15°, 23°.
+    m = torch.tensor([0.4976, 0.3510, 0.3015, 0.0])
+    angles = torch.tensor([25.0, 17.0, 15.0, 23.0]) * math.pi / 180
+    assert torch.allclose(out[0], 0.3 * angles.cos() - 0.7 * (1 - m / (2 - m)), atol=1e-3)
     assert rank_order(out)[0].tolist() == [0, 1, 2, 3]
     before, after = retrieval_metrics(sim, tp, ip), retrieval_metrics(out, tp, ip)
     assert before["R@1"] == pytest.approx(75.0)
@@ -80,5 +88,5 @@ def test_rerankers_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) ->
     whole = (rvn(sim, texts, images, neighbours=4), kreciprocal(sim, texts, images, k1=5, k2=3))
     monkeypatch.setattr(rerank, "GATHER_ELEMENTS", 1)  # one row per chunk
     chunked = (rvn(sim, texts, images, neighbours=4), kreciprocal(sim, texts, images, k1=5, k2=3))
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         assert torch.allclose(a, b, atol=1e-6)

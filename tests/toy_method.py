@@ -9,19 +9,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method
+from pedcli.models.methods.base import Batch, DataInfo, Features, Method, register_method
 
 
 @dataclass
 class ToyConfig:
     dim: int = 8
-    parts: int = 3
+    parts: int = 4  # horizontal stripes; must divide the image height
 
 
+@register_method("toy")  # so a run folder of it loads through `load_run` (test modules import this once)
 class ToyMethod(Method):
     """Images: global = pooled pixels projected; parts = horizontal stripes. Texts: bag of word embeddings."""
 
-    name = "toy"
     Config = ToyConfig
 
     def __init__(self, cfg: ToyConfig | None = None, info: DataInfo | None = None) -> None:
@@ -39,7 +39,7 @@ class ToyMethod(Method):
     def encode_texts(self, batch: Batch) -> Features:
         tokens = batch["tokens"]
         length = int(batch["lengths"].max())  # pad only to this batch's longest caption
-        mask = (tokens[:, :length] > 0)
+        mask = tokens[:, :length] > 0
         words = self.words[tokens[:, :length]] * mask[..., None]
         return {"global": words.sum(1), "words": words, "words_mask": mask}
 

@@ -25,10 +25,14 @@ from tqdm import tqdm
 
 from pedcli import __version__
 from pedcli.data.cache import part_path
-from pedcli.data.dataset import ImageDataset, TextDataset, collate, normalize_image
-from pedcli.engine.preprocess import load_rgb, resize_rgb
+from pedcli.data.dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, TextDataset, collate
+from pedcli.engine.batching import move_batch
+from pedcli.engine.distributed import resolve_device
+from pedcli.engine.preprocess import _load_rgb as load_rgb  # TODO(lead): make these two public
+from pedcli.engine.preprocess import _resize as resize_rgb
+from pedcli.engine.runs import load_run, resolve_checkpoint
 from pedcli.errors import PedError
-from pedcli.fileio import atomic_path
+from pedcli.fileio import atomic_path, sha256_file
 from pedcli.models.methods.base import Batch, Features, Method
 
 EMBEDDINGS_FORMAT = 1
@@ -49,10 +53,6 @@ class Embeddings:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate batch outputs along dim 0, zero-padding any other dim that varies between batches
     (e.g. words padded to each batch's longest caption; their `*_mask` pads with 0 = absent alike)."""
@@ -68,14 +68,18 @@ def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_batches(
-    encode: Any, batches: Iterable[Batch], device: str | torch.device, desc: str, total: int | None = None,
+    encode: Any,
+    batches: Iterable[Batch],
+    device: str | torch.device,
+    desc: str,
+    total: int | None = None,
     progress: bool = True,
 ) -> Features:
     """Run `encode` (a method's encode_images / encode_texts) over batches; CPU features, one dict."""
     device = torch.device(device)
     out: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch"):
-        for key, value in encode(_to_device(batch, device)).items():
+        for key, value in encode(move_batch(batch, device)).items():
             out.setdefault(key, []).append(value.detach().cpu())
     if "global" not in out:
         raise PedError(f"the method's {desc} features have no 'global' entry", "fix the method's encoder")
@@ -126,7 +130,8 @@ def image_batch(images: Sequence[str | Path | np.ndarray], size: tuple[int, int]
         rgb = load_rgb(Path(img)) if isinstance(img, (str, Path)) else np.asarray(img, dtype=np.uint8)
         if rgb.shape[:2] != tuple(size):
             rgb = resize_rgb(rgb, size)
-        arrays.append(normalize_image(rgb))
+        # TODO(lead): ImageDataset's normalisation, to be imported once dataset.py exposes it as a function
+        arrays.append(((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
     n = len(arrays)
     return {
         "image": torch.from_numpy(np.stack(arrays)),
@@ -176,7 +181,8 @@ def write_embeddings(path: str | Path, emb: Embeddings, dtype: str = "float16") 
         f.create_dataset("caption", data=emb.caption, dtype=str_dt)
         attrs = {**emb.attrs, "format": EMBEDDINGS_FORMAT, "pedcli": __version__}
         for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
+            plain = isinstance(value, (str, int, float))
+            f.attrs[key] = value if plain else json.dumps(value, sort_keys=True)
     return Path(path)
 
 
@@ -203,7 +209,9 @@ def load_embeddings(path: str | Path) -> tuple[Features, Features, Embeddings]:
     """(text features, image features, everything) from an embeddings file; features as float32."""
     path = Path(path)
     if not path.is_file():
-        raise PedError(f"no embeddings file at {path}", "write one with `ped embed --run RUN --cache CACHE --out FILE`")
+        raise PedError(
+            f"no embeddings file at {path}", "write one with `ped embed --run RUN --cache CACHE --out FILE`"
+        )
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != EMBEDDINGS_FORMAT or "image" not in f or "text" not in f:
@@ -226,3 +234,28 @@ def load_embeddings(path: str | Path) -> tuple[Features, Features, Embeddings]:
     except OSError as e:
         raise PedError(f"{path} cannot be read as HDF5 ({e})", "write it again with `ped embed`") from e
     return emb.text, emb.image, emb
+
+
+def embed_run(
+    run: str | Path,
+    cache: str | Path | None,
+    split: str,
+    out: str | Path,
+    checkpoint: str = "best",
+    batch_size: int = 64,
+    device: str | None = None,
+    dtype: str = "float16",
+    workers: int = 0,
+) -> Path:
+    """`ped embed`: load a trained run and embed a cache split (default: the cache it was trained on)."""
+    run_dir, ckpt = resolve_checkpoint(run, checkpoint)
+    dev = resolve_device(device)
+    method, config = load_run(run, checkpoint, device=dev)
+    attrs = {
+        "run": str(run_dir.resolve()),
+        "checkpoint": str(ckpt.resolve()),
+        "checkpoint_sha256": sha256_file(ckpt),
+        "config": config,
+    }
+    source = cache if cache is not None else config["cache"]
+    return embed(method, source, split, out, batch_size, dev, attrs=attrs, dtype=dtype, workers=workers)

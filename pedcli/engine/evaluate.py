@@ -17,11 +17,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pedcli.engine.distributed import resolve_device
+from pedcli.engine.embed import encode_split, load_embeddings
 from pedcli.engine.metrics import DEFAULT_KS, retrieval_metrics
 from pedcli.engine.rerank import kreciprocal, rvn
+from pedcli.engine.runs import load_run, resolve_checkpoint
 from pedcli.engine.scoring import score_matrix, two_stage_scores
 from pedcli.errors import PedError
-from pedcli.fileio import write_json_atomic
+from pedcli.fileio import sha256_file, write_json_atomic
 from pedcli.models.methods.base import Features, Method
 
 RERANKERS = {"rvn": rvn, "kreciprocal": kreciprocal}
@@ -121,7 +124,65 @@ def print_metrics(result: Metrics, console: Console | None = None) -> None:
     (console or Console()).print(metrics_table(result))
 
 
-def write_metrics(path: str | Path, result: Metrics, **context: Any) -> Path:
-    """Write `result` plus `context` (run, embeddings, split…) as JSON, atomically."""
-    write_json_atomic(path, {**context, **result})
+def write_metrics(path: str | Path, result: Metrics) -> Path:
+    """Write the metrics record as JSON, atomically (a reader never sees half a file)."""
+    write_json_atomic(path, result)
     return Path(path)
+
+
+def _features_to(feats: Features, device: torch.device) -> Features:
+    return {k: v.to(device) for k, v in feats.items()}
+
+
+def _check_embeddings_match(path: Path, attrs: dict[str, Any], config: dict[str, Any], ckpt: Path) -> None:
+    """Features from another method or checkpoint would be scored with the wrong similarity weights."""
+    if attrs.get("method") != config["method"]:
+        raise PedError(
+            f"{path} holds '{attrs.get('method')}' features but the run is '{config['method']}'",
+            "embed with this run: ped embed --run RUN --cache CACHE --out FILE",
+        )
+    if attrs.get("checkpoint_sha256") not in (None, sha256_file(ckpt)):
+        raise PedError(
+            f"{path} was embedded with another checkpoint than {ckpt}",
+            "embed again with this checkpoint, or pass the checkpoint it was made with",
+        )
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    cache: str | Path | None = None,
+    split: str = "test",
+    embeddings: str | Path | None = None,
+    checkpoint: str = "best",
+    rerank_top: int | None = None,
+    rerank: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+) -> Metrics:
+    """`ped eval`: evaluate a run on stored embeddings or on a cache split encoded now (default: the
+    run's own cache). The result names what was evaluated."""
+    if cache is not None and embeddings is not None:
+        raise PedError("pass either --cache or --embeddings, not both", "drop one of them")
+    run_dir, ckpt = resolve_checkpoint(run, checkpoint)
+    dev = resolve_device(device)
+    method, config = load_run(run, checkpoint, device=dev)
+    if embeddings is not None:
+        _, _, emb = load_embeddings(embeddings)
+        _check_embeddings_match(Path(embeddings), emb.attrs, config, ckpt)
+        source = {"embeddings": str(Path(embeddings).resolve()), "split": emb.attrs.get("split")}
+    else:
+        cache = cache if cache is not None else config["cache"]
+        emb = encode_split(method, cache, split, batch_size, dev)
+        source = {"cache": str(Path(cache).resolve()), "split": split}
+    result = evaluate(
+        method,
+        _features_to(emb.text, dev),
+        _features_to(emb.image, dev),
+        torch.from_numpy(emb.text_pid),
+        torch.from_numpy(emb.image_pid),
+        rerank_top,
+        rerank,
+    )
+    context = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "method": config["method"]}
+    return context | source | result

@@ -83,7 +83,7 @@ def retrieval_metrics(
             raise PedError("the similarity matrix contains NaN", "check the model's features for NaN/inf")
         totals += _chunk_sums(block, query_pids[start : start + chunk], gallery_pids, ks).sum(0)
     means = (totals / nq * 100).tolist()
-    out = {f"R@{k}": v for k, v in zip(ks, means)}
+    out = {f"R@{k}": v for k, v in zip(ks, means, strict=False)}
     out.update({"mAP": means[-2], "mINP": means[-1], "queries": nq, "gallery": ng})
     return out
 

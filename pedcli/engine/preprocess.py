@@ -144,10 +144,8 @@ def _pose_shard(
 
 
 def _text_shard(captions: Sequence[str], pipeline: TextPipeline, out: Path) -> Path:
-    # A pickled pipeline carries only vocabulary + options; keep one loaded copy per worker process.
-    key = f"text:{id(pipeline.vocab)}:{pipeline.options}"
-    pipe = _WORKER_STATE.setdefault(key, pipeline)
-    arrays, stats = pipe.encode_with_stats(list(captions))
+    # The pickled pipeline carries vocabulary + options only; its models load once per worker process.
+    arrays, stats = pipeline.encode_with_stats(list(captions))
     _save_npz(out, **arrays, **{f"stats_{k}": np.asarray(v) for k, v in dataclasses.asdict(stats).items()})
     return out
 
@@ -268,10 +266,8 @@ def run_preprocess(
     records, report = validate_records(
         load_records(dataset, root, annotations), root, on_error=opts.on_error, workers=opts.n_workers() * 2
     )
-    if report.problems:
-        listed = out / "validation.json"
-        say(f"[yellow]skipped {len(report.bad_indices)} bad record(s)[/] (listed in {listed}):")
-        say(report.summary(), highlight=False)
+    if report.problems or report.notes:
+        say(f"[yellow]{report.summary()}[/]\n  (all listed in {out / 'validation.json'})", highlight=False)
     if not records:
         raise PedError(f"no usable records in {ann}", "check the annotation file and image folder")
     source = {"annotations": str(ann.resolve()), "annotations_sha256": sha256_file(ann),

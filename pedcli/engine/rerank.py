@@ -79,7 +79,7 @@ def _reciprocal_expand(
 
 
 def _kernel_weights(sets: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Zhong's V: exp(−distance) on the set, 0 elsewhere, each row normalised to sum 1 (distance = 1 − cos)."""
+    """Zhong's V: exp(−distance) on the set (distance = 1 − cos), 0 elsewhere, rows normalised to sum 1."""
     v = torch.where(sets, torch.exp(cos - 1), torch.zeros((), dtype=cos.dtype))
     return v / v.sum(1, keepdim=True).clamp_min(1e-12)
 
@@ -119,7 +119,8 @@ def kreciprocal(
     image_sets = torch.empty_like(reciprocal)
     step = _rows_per_chunk((k1 + 1) * ni)
     for s in range(0, ni, step):
-        image_sets[s : s + step] = _reciprocal_expand(image_nn[s : s + step], reciprocal[s : s + step], half_sets)
+        rows = slice(s, s + step)
+        image_sets[rows] = _reciprocal_expand(image_nn[rows], reciprocal[rows], half_sets)
     v_image = _kernel_weights(image_sets, img_cos)
     v_image = v_image[image_nn[:, :k2]].mean(1)  # local query expansion (eq. 11)
 

@@ -1,12 +1,12 @@
 """Run folders: where a training writes, how it resumes, and how later stages load the trained method.
 
-    runs/<name>/
-      config.json            resolved config (method + every option, train options, cache, data info, seed)
-      vocab.json             the cache vocabulary, so `ped query` needs only the run
-      checkpoints/last.pt    written after every epoch (resume point)
-      checkpoints/best.pt    the epoch with the best validation R@1 (text → image)
-      metrics.jsonl          one JSON object per epoch
-      train.log
+runs/<name>/
+  config.json            resolved config (method + every option, train options, cache, data info, seed)
+  vocab.json             the cache vocabulary, so `ped query` needs only the run
+  checkpoints/last.pt    written after every epoch (resume point)
+  checkpoints/best.pt    the epoch with the best validation R@1 (text → image)
+  metrics.jsonl          one JSON object per epoch
+  train.log
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"{which}.pt"
 
 
-def create_run_dir(run_dir: str | Path, resume: bool) -> Path:
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     """Check the folder suits the request: a new run never overwrites, a resume needs `last.pt`."""
     run_dir = Path(run_dir)
     if resume:
@@ -46,14 +46,18 @@ def create_run_dir(run_dir: str | Path, resume: bool) -> Path:
                 f"cannot resume {run_dir}: no checkpoint was saved yet (it stopped during its first epoch)",
                 f"delete {run_dir} and start again without --resume",
             )
-        return run_dir
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise PedError(
             f"run folder {run_dir} already exists; a new training never overwrites a run",
             "pick another --run name, or add --resume to continue that run from its last checkpoint",
         )
-    (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    return run_dir
+
+
+def create_run_dir(run_dir: str | Path) -> Path:
+    """A new, empty run folder (with its checkpoints/ folder); refuses an existing non-empty one."""
+    check_run_dir(run_dir, resume=False)
+    (Path(run_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    return Path(run_dir)
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
@@ -61,7 +65,9 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PedError(f"{path} is missing: {run_dir} is not a training run", "pass a folder made by `ped train`")
+        raise PedError(
+            f"{path} is missing: {run_dir} is not a training run", "pass a folder made by `ped train`"
+        ) from None
     except json.JSONDecodeError as e:
         raise PedError(f"{path} is not valid JSON ({e})", "restore it or train the run again") from e
 
@@ -75,9 +81,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise PedError(f"checkpoint {path} is missing", "train the run or pick another checkpoint")
+        raise PedError(f"checkpoint {path} is missing", "train the run or pick another checkpoint") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise PedError(f"checkpoint {path} cannot be read ({e})", "use the other checkpoint or train again") from e
+        raise PedError(
+            f"checkpoint {path} cannot be read ({e})", "use the other checkpoint or train again"
+        ) from e
 
 
 def truncate_metrics(run_dir: str | Path, last_epoch: int) -> None:

@@ -53,7 +53,9 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> torch.
 
 
 @torch.inference_mode()
-def shortlist(query_global: torch.Tensor, gallery_global: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+def shortlist(
+    query_global: torch.Tensor, gallery_global: torch.Tensor, k: int, chunk: int = 1024
+) -> torch.Tensor:
     """Indices [n_query, k] of each query's k most cosine-similar gallery items (ties: lower index first)."""
     k = min(k, gallery_global.shape[0])
     rows = [

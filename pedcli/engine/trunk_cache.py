@@ -41,7 +41,14 @@ def frozen_weights_hash(method: Method) -> str:
     return h.hexdigest()
 
 
-def trunk_key(method: Method, cache_hash: str, split: str, flips: Sequence[bool], dtype: str) -> str:
+def storage_dtype(device: torch.device) -> type[np.floating]:
+    """float16 on CUDA (the bf16 autocast outputs lose nothing more), float32 on CPU (exact)."""
+    return np.float16 if device.type == "cuda" else np.float32
+
+
+def trunk_key(
+    method: Method, cache_hash: str, split: str, flips: Sequence[bool], device: torch.device
+) -> str:
     spec = {
         "method": method.name,
         "config": dataclasses.asdict(method.cfg),
@@ -49,7 +56,7 @@ def trunk_key(method: Method, cache_hash: str, split: str, flips: Sequence[bool]
         "cache": cache_hash,
         "split": split,
         "flips": list(flips),
-        "dtype": dtype,
+        "dtype": np.dtype(storage_dtype(device)).name,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -73,7 +80,11 @@ class TrunkCache:
         pos = self._pos[idx] if idx.max(initial=-1) < len(self._pos) else np.full(len(idx), -1)
         if (pos < 0).any():
             raise KeyError(f"images {idx[pos < 0][:5].tolist()} are not in the trunk cache {self.folder}")
-        slot = flip.cpu().numpy().astype(np.int64) if len(self.flips) > 1 else np.zeros(len(idx), np.int64)
+        slot = flip.cpu().numpy().astype(np.int64)  # flips are [False] or [False, True]
+        if slot.max(initial=0) >= len(self.flips):
+            raise KeyError(
+                f"flipped images asked for, but the trunk cache {self.folder} holds no flipped outputs"
+            )
         outs = tuple(torch.from_numpy(np.asarray(a[slot, pos], dtype=np.float32)) for a in self._arrays)
         return outs if self.is_tuple else outs[0]
 
@@ -84,11 +95,18 @@ def _as_tuple(out: TrunkOutput) -> tuple[torch.Tensor, ...]:
 
 @torch.no_grad()
 def _fill(
-    method: Method, ds: ImageDataset, arrays: list[np.ndarray], slot: int, ctx: DistContext, opts: LoaderOptions
+    method: Method,
+    ds: ImageDataset,
+    arrays: list[np.ndarray],
+    slot: int,
+    ctx: DistContext,
+    opts: LoaderOptions,
 ) -> None:
     """Compute this rank's rows (rank, rank + world, …) of one flip into the memory maps."""
     mine = list(range(ctx.rank, len(ds), ctx.world_size))
-    loader = DataLoader(Subset(ds, mine), batch_size=opts.batch_size, collate_fn=collate, num_workers=opts.num_workers)
+    loader = DataLoader(
+        Subset(ds, mine), batch_size=opts.batch_size, collate_fn=collate, num_workers=opts.num_workers
+    )
     done = 0
     for batch in loader:
         batch = move_batch(batch, ctx.device, opts.channels_last)
@@ -123,12 +141,18 @@ def open_trunk_cache(
 
 
 def _build(
-    method: Method, cache: str | Path, split: str, flips: list[bool], final: Path, ctx: DistContext, opts: LoaderOptions
+    method: Method,
+    cache: str | Path,
+    split: str,
+    flips: list[bool],
+    final: Path,
+    ctx: DistContext,
+    opts: LoaderOptions,
 ) -> None:
     tmp = final.with_name(final.name + ".partial")
     datasets = [ImageDataset(cache, split, flip=f) for f in flips]
     n = len(datasets[0])
-    dtype = np.float16 if ctx.device.type == "cuda" else np.float32  # bf16 compute loses more than fp16 storage
+    dtype = storage_dtype(ctx.device)
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -139,7 +163,12 @@ def _build(
             shape = (len(flips), n, *t.shape[1:])
             np.lib.format.open_memmap(tmp / f"out{i}.npy", mode="w+", dtype=dtype, shape=shape)
         np.save(tmp / "rows.npy", datasets[0].image_rows)
-        meta = {"flips": flips, "n_outputs": len(outs), "is_tuple": isinstance(probe, (tuple, list)), "split": split}
+        meta = {
+            "flips": flips,
+            "n_outputs": len(outs),
+            "is_tuple": isinstance(probe, (tuple, list)),
+            "split": split,
+        }
         write_json_atomic(tmp / META, meta)
     ctx.barrier()
     n_out = json.loads((tmp / META).read_text(encoding="utf-8"))["n_outputs"]

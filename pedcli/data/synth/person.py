@@ -17,6 +17,10 @@ from .skeleton import Camera, Vec
 Item = tuple[float, Callable[[], None]]
 
 
+def _lerp(p: Vec, q: Vec, t: float) -> Vec:
+    return p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1]), p[2] + t * (q[2] - p[2])
+
+
 def colour(name: str) -> tuple[int, int, int]:
     return PALETTE[name][0]
 
@@ -76,10 +80,10 @@ class PersonDrawing:
                 self.p.capsule(px(hip), px(knee), (0.092 if covered else 0.084) * h, leg_col)
                 self.p.capsule(px(knee), px(ankle), (0.07 if covered else 0.06) * h, leg_col)
                 if b == "shorts":
-                    mid = tuple(a + 0.55 * (c - a) for a, c in zip(hip, knee, strict=True))
+                    mid = _lerp(hip, knee, 0.55)
                     self.p.capsule(px(hip), px(mid), 0.1 * h, colour(i.bottom_colour))
                 if i.shoes == "boots":
-                    up = tuple(a + 0.35 * (c - a) for a, c in zip(ankle, knee, strict=True))
+                    up = _lerp(ankle, knee, 0.35)
                     self.p.capsule(px(ankle), px(up), 0.072 * h, shoe)
                 self.p.capsule(px(ankle), px(toe), 0.052 * h, shoe)
                 if i.shoes == "sneakers" and i.shoe_colour != "white":
@@ -191,15 +195,15 @@ class PersonDrawing:
 
             def draw(sh=sh, el=el, wr=wr, ha=ha, item=held.get(side)) -> None:
                 px, h = self.cam.px, self.h
+                top = _lerp(sh, el, 0.15)  # the capsule's round end then sits inside the shoulder, no bump
                 if i.sleeves == "long":
-                    self.p.capsule(px(sh), px(el), 0.064 * h, top_col)
-                    self.p.capsule(px(el), px(wr), 0.056 * h, top_col)
+                    self.p.capsule(px(top), px(el), 0.062 * h, top_col)
+                    self.p.capsule(px(el), px(wr), 0.054 * h, top_col)
                 else:
-                    self.p.capsule(px(sh), px(el), 0.05 * h, self.skin)
+                    self.p.capsule(px(top), px(el), 0.05 * h, self.skin)
                     self.p.capsule(px(el), px(wr), 0.044 * h, self.skin)
                     if i.sleeves == "short":
-                        mid = tuple(a + 0.5 * (c - a) for a, c in zip(sh, el, strict=True))
-                        self.p.capsule(px(sh), px(mid), 0.068 * h, top_col)
+                        self.p.capsule(px(top), px(_lerp(sh, el, 0.5)), 0.066 * h, top_col)
                 self.p.ellipse(px(ha), 0.024 * h, 0.026 * h, self.skin)
                 if item == "phone":
                     c = px(ha)

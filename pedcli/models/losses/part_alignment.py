@@ -50,24 +50,36 @@ def hardest_negative_hinge(anchor: Tensor, candidates: Tensor, pids: Tensor, mar
     return (hinge * has_negative).sum() / has_negative.sum().clamp(min=1)
 
 
-def mix_loss(image_parts: Tensor, text_parts: Tensor, aggregate: Callable[[Tensor], Tensor], pids: Tensor,
-             margin: float = 0.2) -> Tensor:
+def mix_loss(
+    image_parts: Tensor,
+    text_parts: Tensor,
+    aggregate: Callable[[Tensor], Tensor],
+    pids: Tensor,
+    margin: float = 0.2,
+) -> Tensor:
     """Eq. 8: the pooled co-attentive image and text embeddings (v̂^k, ẑ^k) each ranked against the pooled
     mixed embeddings m̂^k of the batch (the pair's own one positive, the hardest other person's negative)."""
     v_hat, z_hat, mixed = co_attend(image_parts, text_parts)
     m_global = aggregate(mixed)
-    return (hardest_negative_hinge(aggregate(v_hat), m_global, pids, margin)
-            + hardest_negative_hinge(aggregate(z_hat), m_global, pids, margin))
+    return hardest_negative_hinge(aggregate(v_hat), m_global, pids, margin) + hardest_negative_hinge(
+        aggregate(z_hat), m_global, pids, margin
+    )
 
 
-def part_alignment_loss(image_parts: Tensor, text_parts: Tensor, aggregate: Callable[[Tensor], Tensor],
-                        pids: Tensor, margin: float = 0.2) -> Tensor:
+def part_alignment_loss(
+    image_parts: Tensor,
+    text_parts: Tensor,
+    aggregate: Callable[[Tensor], Tensor],
+    pids: Tensor,
+    margin: float = 0.2,
+) -> Tensor:
     """Eq. 9: L_pl^k = L_pull^k + L_mix^k for one granularity.
 
     image_parts, text_parts: [B, n, c], row b of both from the same (image, caption) pair;
     aggregate: [B, n, c] → [B, D], the model's part pooling (GCP, eq. 7); pids: [B] person ids.
     """
     if image_parts.shape != text_parts.shape:
-        raise ValueError(f"image and text parts differ in shape: {tuple(image_parts.shape)} vs "
-                         f"{tuple(text_parts.shape)}")
+        raise ValueError(
+            f"image and text parts differ in shape: {tuple(image_parts.shape)} vs {tuple(text_parts.shape)}"
+        )
     return pull_loss(image_parts, text_parts) + mix_loss(image_parts, text_parts, aggregate, pids, margin)

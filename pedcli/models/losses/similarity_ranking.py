@@ -22,8 +22,15 @@ from torch import Tensor
 DIRECTIONS = ("t2i", "both")
 
 
-def similarity_ranking_loss(image: Tensor, text: Tensor, pids: Tensor, margin: float = 0.2, beta: float = 1.0,
-                            intra_similarity: bool = True, directions: str = "t2i") -> Tensor:
+def similarity_ranking_loss(
+    image: Tensor,
+    text: Tensor,
+    pids: Tensor,
+    margin: float = 0.2,
+    beta: float = 1.0,
+    intra_similarity: bool = True,
+    directions: str = "t2i",
+) -> Tensor:
     """Eq. 15 (eq. 14 when `intra_similarity` is False) for a batch of matched pairs.
 
     image, text: [B, D] features g (FC2 outputs), row i of both from the same pair; pids: [B].

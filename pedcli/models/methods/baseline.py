@@ -32,6 +32,7 @@ class BaselineConfig:
     """backbone / pretrained: the visual CNN (PMA uses VGG-16 or ResNet-50; MobileNetV2 is the offline one).
     embed_dim: the joint space b (PMA: 1024). hidden: bi-LSTM hidden size per direction (PMA: 1024).
     word_dim: word embedding size. cell: "lstm" (the paper) or "gru".
+    bidirectional: False keeps only the forward RNN's final state (PMA Table 2 "Base-LSTM").
     margin: α of the ranking loss. ranking_weight / id_weight: loss weights (0 drops a loss: ablations).
     frozen_epochs / frozen_lr: step 1 (CNN frozen); full_epochs / full_lr: step 2 (everything learns).
     """
@@ -42,6 +43,7 @@ class BaselineConfig:
     hidden: int = 512
     word_dim: int = 300
     cell: str = "lstm"
+    bidirectional: bool = True
     margin: float = 0.2
     ranking_weight: float = 1.0
     id_weight: float = 1.0
@@ -61,12 +63,15 @@ class Baseline(Method):
         self.backbone = build_backbone(cfg.backbone, cfg.pretrained)
         self.image_fc = nn.Linear(self.backbone.channels[-1], cfg.embed_dim)
         self.text = RNNTextEncoder(info.vocab_size, cfg.word_dim, cfg.hidden, cfg.cell)
-        self.text_fc = nn.Linear(self.text.out_dim, cfg.embed_dim)
+        text_dim = self.text.out_dim if cfg.bidirectional else self.text.out_dim // 2
+        self.text_fc = nn.Linear(text_dim, cfg.embed_dim)
         self.classifier = SharedClassifier(cfg.embed_dim, info.num_classes)  # W_id of eq. 14
 
     def stages(self, train: TrainConfig) -> list[Stage]:
         cfg = self.cfg
-        losses = tuple(name for name, w in (("ranking", cfg.ranking_weight), ("identity", cfg.id_weight)) if w)
+        losses = tuple(
+            name for name, w in (("ranking", cfg.ranking_weight), ("identity", cfg.id_weight)) if w
+        )
         heads = tuple(name for name, _ in self.named_children() if name != "backbone")
         return [
             Stage("frozen_cnn", train.epochs if train.epochs is not None else cfg.frozen_epochs,
@@ -84,6 +89,8 @@ class Baseline(Method):
 
     def encode_texts(self, batch: Batch) -> Features:
         _, sentence, _ = self.text(batch["tokens"], batch["lengths"])
+        if not self.cfg.bidirectional:
+            sentence = sentence[:, : sentence.shape[1] // 2]  # [forward final; backward final] → forward
         return {"global": self.text_fc(sentence)}
 
     def similarity(self, text_feats: Features, image_feats: Features) -> torch.Tensor:

@@ -88,7 +88,9 @@ class HANConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise PedError(f"unknown HAN {name} '{getattr(self, name)}'", f"choose one of: {', '.join(allowed)}")
+                raise PedError(
+                    f"unknown HAN {name} '{getattr(self, name)}'", f"choose one of: {', '.join(allowed)}"
+                )
         if self.ranking == "none" and not self.classification:
             raise PedError("HAN needs at least one loss", "keep ranking or classification on")
 
@@ -165,15 +167,23 @@ class HAN(Method):
     def stages(self, train: TrainConfig) -> list[Stage]:
         """Sec. 4.2: classification first, then the joint loss; the whole network learns in both."""
         cfg = self.cfg
-        joint = tuple(name for name, on in (("rank", cfg.ranking != "none"), ("cls", cfg.classification)) if on)
+        joint = tuple(
+            name for name, on in (("rank", cfg.ranking != "none"), ("cls", cfg.classification)) if on
+        )
         stage2 = Stage("joint", train.epochs or cfg.stage2_epochs, train.lr or cfg.stage2_lr, joint)
         if not cfg.classification:  # Table 5 "ranking only": there is nothing to pre-train with
             return [stage2]
         trainable = ("*",)
         if cfg.stage1_freeze_trunk:
             trainable = tuple(name for name, _ in self.named_children() if name != "backbone")
-        stage1 = Stage("classification", train.epochs or cfg.stage1_epochs, train.lr or cfg.stage1_lr, ("cls",),
-                       trainable=trainable, freeze_trunk=cfg.stage1_freeze_trunk)
+        stage1 = Stage(
+            "classification",
+            train.epochs or cfg.stage1_epochs,
+            train.lr or cfg.stage1_lr,
+            ("cls",),
+            trainable=trainable,
+            freeze_trunk=cfg.stage1_freeze_trunk,
+        )
         return [stage1, stage2]
 
     # ---- image path -------------------------------------------------------------------------------
@@ -242,12 +252,20 @@ class HAN(Method):
         out = {}
         if "cls" in stage.losses:  # eqs. 16–20: FC3 (shared) on both modalities
             labels = batch["label"]
-            cls = identity_loss(self.classifier(F.relu(gi)), labels) + identity_loss(self.classifier(F.relu(gt)), labels)
+            cls = identity_loss(self.classifier(F.relu(gi)), labels) + identity_loss(
+                self.classifier(F.relu(gt)), labels
+            )
             out["cls"] = cfg.gamma_cls * cls
         if "rank" in stage.losses:
-            rank = similarity_ranking_loss(gi, gt, batch["pid"], cfg.margin, cfg.beta,
-                                           intra_similarity=cfg.ranking == "similarity",
-                                           directions=cfg.rank_directions)
+            rank = similarity_ranking_loss(
+                gi,
+                gt,
+                batch["pid"],
+                cfg.margin,
+                cfg.beta,
+                intra_similarity=cfg.ranking == "similarity",
+                directions=cfg.rank_directions,
+            )
             out["rank"] = cfg.gamma_rank * rank
         return out
 

@@ -67,8 +67,10 @@ class MGELConfig:
 
     def __post_init__(self) -> None:
         self.granularities = tuple(int(n) for n in self.granularities)  # a JSON config gives a list
-        if not self.granularities or min(self.granularities) < 1 or len(set(self.granularities)) != len(
-            self.granularities
+        if (
+            not self.granularities
+            or min(self.granularities) < 1
+            or len(set(self.granularities)) != len(self.granularities)
         ):
             raise PedError(
                 f"MGEL granularities must be distinct positive stripe counts, got {self.granularities}",
@@ -142,7 +144,9 @@ class MGEL(Method):
         trunk_dim = self.backbone.channels[-1]
         self.text_encoder = RNNTextEncoder(info.vocab_size, cfg.word_dim, hidden=c // 2, cell="lstm")
         if cfg.gab:  # one block per granularity and modality
-            self.image_gab = nn.ModuleList(GranularityAttention(trunk_dim, c, cfg.channel_reduction) for _ in grans)
+            self.image_gab = nn.ModuleList(
+                GranularityAttention(trunk_dim, c, cfg.channel_reduction) for _ in grans
+            )
             self.text_gab = nn.ModuleList(GranularityAttention(c, c, cfg.channel_reduction) for _ in grans)
         else:  # ablation: one shared 1×1 conv brings the map to c channels; words pass through
             self.image_reduce = nn.Linear(trunk_dim, c)
@@ -162,7 +166,9 @@ class MGEL(Method):
         if not cfg.warmup_epochs:
             return [joint]
         heads = tuple(name for name, _ in self.named_children() if name != "backbone")
-        warmup = Stage("warmup", train.epochs or cfg.warmup_epochs, lr, losses, trainable=heads, freeze_trunk=True)
+        warmup = Stage(
+            "warmup", train.epochs or cfg.warmup_epochs, lr, losses, trainable=heads, freeze_trunk=True
+        )
         return [warmup, joint]
 
     # ---- image path -------------------------------------------------------------------------------
@@ -210,7 +216,7 @@ class MGEL(Method):
         return self.gcp(parts) if self.cfg.gcp else parts.mean(1)
 
     def _features(self, parts: list[Tensor]) -> Features:
-        """"global": the granularities' embeddings, each L2-normalised, concatenated and scaled to unit
+        """ "global": the granularities' embeddings, each L2-normalised, concatenated and scaled to unit
         norm (sec. 3.3; a dot product of two is the mean of the per-granularity cosines).
         "parts": every stripe / text part [B, Σn, c] for `explain`."""
         globals_ = [F.normalize(self.aggregate(p), dim=1) for p in parts]
@@ -246,8 +252,12 @@ class MGEL(Method):
         for k, (v, z) in enumerate(zip(image_parts, text_parts, strict=True)):
             gv, gz = self.aggregate(v), self.aggregate(z)
             if "triplet" in stage.losses:  # eq. 10, cosine, hardest negatives of the batch
-                add("triplet", triplet_hardest(F.normalize(gz, dim=1) @ F.normalize(gv, dim=1).t(), pids,
-                                               self.cfg.margin))
+                add(
+                    "triplet",
+                    triplet_hardest(
+                        F.normalize(gz, dim=1) @ F.normalize(gv, dim=1).t(), pids, self.cfg.margin
+                    ),
+                )
             if "identity" in stage.losses:  # eq. 11, one softmax layer for both modalities
                 head = self.classifiers[k]
                 add("identity", identity_loss(head(gv), labels) + identity_loss(head(gz), labels))

@@ -1,0 +1,465 @@
+"""PMA — Pose-guided Multi-granularity Attention network (Jing et al., AAAI 2020).
+
+Read beside the paper (/work/shared/papers/pma-pose-guided-multi-granularity-attention.txt):
+
+- Image: the 3-channel image and the 14 pose confidence maps concatenated (17 channels, "Con-pose"),
+  a CNN whose first convolution is widened with the averaged RGB filters; its last map is pooled into
+  6 horizontal stripes × 4 columns = 24 regions φ_ij(I).
+- Text: word embedding (eq. 1) and a bi-LSTM (eqs. 2–3); the sentence e^t is the concatenation of
+  the last states of both directions (eq. 4). Each noun phrase is encoded *on its own* by the same
+  bi-LSTM ("we use the words in n_j to represent the noun phrase according to Equations 1–4").
+- Coarse alignment (CA, eqs. 5–9): a projection per stripe, the cosine s_ij of every region with the
+  projected sentence, softmax weights q_ij over the 24 regions and a hard attention that sums the
+  s_ij whose q_ij ≥ τ = 1/24.
+- Fine-grained alignment (FA, eqs. 10–13): the keypoint maps summed into 6 body parts, a pose CNN
+  (four 3×3 conv layers 64/128/256/256 and a fully connected layer) embeds each part map into p_k;
+  p_k attends over the noun phrases (eqs. 10–11) and over the image regions alike; S_fa sums the 6
+  cosines of the attended text and image parts (eqs. 12–13).
+- Training: per branch, the triplet ranking loss with the hardest negative (Faghri et al. 2018) and
+  the image / text identity losses with one classifier shared by both modalities (eqs. 14–15); the
+  part loss classifies each p_k as its part (eqs. 17–18); total eq. 19. Test: S = S_ca + λ3·S_fa.
+  Two steps: the pretrained CNN frozen at lr 1e-3, then everything at lr 2e-4 (Adam, margin 0.2).
+
+Where the paper leaves a choice open (documented at each place): the identity features (eq. 14 puts
+the 512-d φ(I)_avg and the b-d ẽ^t through one W_id; we average the *projected* regions so both live
+in R^b), FA's identity features, whether the noun-phrase transform is shared by the parts (one shared
+linear map), the pose CNN's pooling (max-pool after the first three layers, global average before the
+FC), and what the "w/o pose" FA of Table 5 scores (each phrase attends over the regions; the mean of
+the phrases' cosines).
+
+Stored features are raw (unnormalised) projections; cosines are taken at scoring time. Scoring all
+pairs reduces every attention to dot products: one matrix product of the text units with the image
+units, then per pair only [units × parts]-sized work (see `_fine_pose`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pedcli.errors import PedError
+from pedcli.models.attention import masked_pool, masked_softmax
+from pedcli.models.backbones import BACKBONES, build_backbone
+from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
+from pedcli.models.methods.base import (
+    Batch,
+    DataInfo,
+    Features,
+    Method,
+    Stage,
+    TrainConfig,
+    index_features,
+    register_method,
+)
+from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
+from pedcli.pose.keypoints import PARTS, group_parts
+
+CA_ATTENTIONS = ("hard", "soft", "top_m")
+FA_UNITS = ("phrases", "words")
+# Largest [text, image, units, parts] intermediate of one `similarity` call, in elements: texts are
+# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
+SCORE_BUDGET = 1 << 24
+_EPS = 1e-8
+
+
+@dataclass
+class PMAConfig:
+    """Every option; the paper's ablation tables map onto these fields (see each comment)."""
+
+    backbone: str = "mobilenet_v2"  # the paper: vgg16 / resnet50; mobilenet_v2 has offline weights
+    pretrained: str = "imagenet"  # "none" trains the CNN from scratch
+    embed_dim: int = 1024  # b, the joint feature space (paper: 1024)
+    hidden: int = 1024  # d, bi-LSTM hidden size per direction (paper: 1024)
+    word_dim: int = 300  # eq. 1
+    stripes: int = 6  # horizontal stripes of the last map
+    columns: int = 4  # regions per stripe (6 × 4 = 24 regions)
+    pose_concat: bool = True  # Table 3 "Con-pose": 17-channel input; False: the image alone
+    coarse: bool = True  # Table 3 "CA"; False: the global cosine of the mean region and the sentence
+    fine: bool = True  # Table 3 "FA"
+    ca_attention: str = "hard"  # Table 4: "hard" (eq. 9, τ = 1/regions), "soft" (Σ q·s), "top_m"
+    ca_top_m: int = 10  # Table 4 rows 5 / 10 / 20 / 24: regions kept by "top_m"
+    fa_pose: bool = True  # Table 5 "FA w/o pose": False lets each phrase attend over the regions
+    fa_units: str = "phrases"  # Table 5 "FA w/o noun phrase": "words" attends over the word states
+    pose_widths: tuple[int, ...] = (64, 128, 256, 256)  # the pose CNN's four conv layers
+    margin: float = 0.2  # α of the ranking loss
+    lambda1: float = 1.0  # image identity loss weight (eq. 15)
+    lambda2: float = 1.0  # text identity loss weight (eq. 15)
+    lambda3: float = 1.0  # FA weight in the loss (eq. 19) and in the test score S = S_ca + λ3·S_fa
+    lambda4: float = 1.0  # part loss weight (eq. 19)
+    frozen_epochs: int = 10  # step 1: CNN frozen
+    frozen_lr: float = 1e-3
+    full_epochs: int = 20  # step 2: everything learns
+    full_lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        self.pose_widths = tuple(int(w) for w in self.pose_widths)  # a JSON config gives a list
+        checks = [
+            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
+             f"choose one of: {', '.join(BACKBONES)}"),
+            (self.ca_attention in CA_ATTENTIONS, f"unknown PMA ca_attention '{self.ca_attention}'",
+             f"choose one of: {', '.join(CA_ATTENTIONS)}"),
+            (self.fa_units in FA_UNITS, f"unknown PMA fa_units '{self.fa_units}'",
+             f"choose one of: {', '.join(FA_UNITS)}"),
+            (len(self.pose_widths) == 4 and min(self.pose_widths) > 0,
+             f"PMA pose_widths must be four positive widths, got {self.pose_widths}",
+             "the paper's pose CNN is (64, 128, 256, 256)"),
+            (self.stripes > 0 and self.columns > 0 and self.embed_dim > 0 and self.hidden > 0,
+             "PMA stripes, columns, embed_dim and hidden must be positive", "e.g. stripes=6, columns=4"),
+            (1 <= self.ca_top_m <= self.stripes * self.columns,
+             f"PMA ca_top_m must be between 1 and {self.stripes * self.columns}, got {self.ca_top_m}",
+             "Table 4 uses 5, 10, 20 or 24"),
+        ]  # fmt: skip
+        for ok, msg, hint in checks:
+            if not ok:
+                raise PedError(msg, hint)
+
+    @property
+    def needs_pose(self) -> bool:
+        return self.pose_concat or (self.fine and self.fa_pose)
+
+
+class PoseCNN(nn.Module):
+    """One body-part map [h, w] → p ∈ R^b: four 3×3 conv layers and a fully connected layer (§Implementation
+    Details). Shared by the six parts, so the part loss (eq. 18) has to tell them apart by their maps."""
+
+    def __init__(self, widths: tuple[int, ...], out_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 1
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:  # ceil_mode: tiny maps (a 64×32 image has 8×4 maps) never vanish
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            c = w
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, out_dim)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        """[B, K, h, w] part maps → [B, K, b]."""
+        b, k, h, w = maps.shape
+        x = self.convs(maps.reshape(b * k, 1, h, w)).mean(dim=(2, 3))
+        return self.fc(x).reshape(b, k, -1)
+
+
+class StripeProjection(nn.Module):
+    """Eq. 5: φ̃_ij = W_φ^i φ_ij — a different linear map for each horizontal stripe i."""
+
+    def __init__(self, in_dim: int, out_dim: int, stripes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(stripes, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(stripes, out_dim))
+        bound = 1 / math.sqrt(in_dim)  # nn.Linear's initialisation, per stripe
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, regions: Tensor) -> Tensor:
+        """[B, stripes, columns, C] → [B, stripes, columns, b]."""
+        return torch.einsum("bscd,sde->bsce", regions, self.weight) + self.bias[:, None]
+
+
+def coarse_attention(s: Tensor, mode: str = "hard", top_m: int = 10) -> Tensor:
+    """Weights w [..., R] of the local similarities s [..., R] such that S_ca = Σ w·s.
+
+    hard (eqs. 8–9): q = softmax(s); keep (w = 1) the regions with q ≥ τ = 1/R. A tie at τ counts as
+    kept (eq. 9's ≥): with equal similarities every region is kept, not a float-rounding subset.
+    soft (Table 4 "CA-Soft"): w = q. top_m (Table 4): the m largest similarities.
+    """
+    if mode == "top_m":
+        return torch.zeros_like(s).scatter_(-1, s.topk(top_m, dim=-1).indices, 1.0)
+    q = torch.softmax(s, dim=-1)  # eq. 8
+    if mode == "soft":
+        return q
+    if mode != "hard":
+        raise ValueError(f"coarse attention mode must be one of {CA_ATTENTIONS}, not {mode!r}")
+    tau = 1.0 / s.shape[-1]
+    return (q >= tau * (1 - 1e-6)).to(s.dtype)
+
+
+def attend_by_cosine(queries: Tensor, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Eqs. 10–11 for one item: α = softmax_i cos(query, value_i), output Σ_i α_i value_i.
+    queries [B, K, b], values [B, N, b] (mask [B, N]) → ([B, K, b], α [B, K, N])."""
+    cos = F.normalize(queries, dim=-1) @ F.normalize(values, dim=-1).transpose(1, 2)
+    alpha = masked_softmax(cos, None if mask is None else mask[:, None, :])
+    return alpha @ values, alpha
+
+
+# ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
+def _cross(text: Tensor, image: Tensor, pairwise: bool) -> Tensor:
+    """Dot products of text units [nt, X, D] with image units [ni, Y, D]: [nt, ni, X, Y] ([n, X, Y])."""
+    if pairwise:
+        return text @ image.transpose(1, 2)
+    nt, x, d = text.shape
+    ni, y, _ = image.shape
+    flat = text.reshape(nt * x, d) @ image.reshape(ni * y, d).T  # one GEMM for every pair
+    return flat.reshape(nt, x, ni, y).transpose(1, 2)
+
+
+def _per_text(x: Tensor, pairwise: bool) -> Tensor:
+    """A text-only tensor [nt, ...] made to broadcast against [nt, ni, ...]."""
+    return x if pairwise else x.unsqueeze(1)
+
+
+def _per_image(x: Tensor, pairwise: bool) -> Tensor:
+    """An image-only tensor [ni, ...] made to broadcast against [nt, ni, ...]."""
+    return x if pairwise else x.unsqueeze(0)
+
+
+def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor) -> Tensor:
+    """cos(Σ_n w_n u_n, v) from w [..., K, N], dots u_n·v̂ [..., K, N] and the Gram matrix u_n·u_m
+    [..., N, N], without forming the attended vectors (which would be [pairs, K, b])."""
+    num = (weights * dots).sum(-1)
+    sq_norm = ((weights @ gram) * weights).sum(-1)
+    return num / sq_norm.clamp(min=0).sqrt().clamp(min=_EPS)
+
+
+def _trim_units(text: Features) -> Features:
+    """Drop unit columns no text of this chunk uses (phrase padding sized for the longest caption)."""
+    if "phrases" not in text:
+        return text
+    used = text["phrases_mask"].any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    return {**text, "phrases": text["phrases"][:, :n], "phrases_mask": text["phrases_mask"][:, :n]}
+
+
+@register_method("pma")
+class PMA(Method):
+    """Coarse (sentence ↔ 24 regions, hard attention) + fine (noun phrases ↔ regions via 6 pose parts)."""
+
+    Config = PMAConfig
+    cfg: PMAConfig
+
+    def __init__(self, cfg: PMAConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        b = cfg.embed_dim
+        in_channels = 3 + info.pose_channels if cfg.pose_concat else 3
+        self.backbone = build_backbone(cfg.backbone, cfg.pretrained, in_channels=in_channels)
+        c = self.backbone.channels[-1]
+        self.text = RNNTextEncoder(info.vocab_size, cfg.word_dim, cfg.hidden)  # eqs. 1–4
+        self.sentence_fc = nn.Linear(self.text.out_dim, b)  # W_e^t of eq. 6
+        self.region_proj = StripeProjection(c, b, cfg.stripes)  # W_φ^i of eq. 5
+        self.ca_classifier = SharedClassifier(b, info.num_classes)  # W_id^ca of eq. 14
+        if cfg.fine:
+            self.phrase_fc = nn.Linear(self.text.out_dim, b)  # e^n → ẽ^n (before eq. 10)
+            self.fa_region_fc = nn.Linear(c, b)  # regions into the parts' space
+            self.fa_classifier = SharedClassifier(b, info.num_classes)
+            if cfg.fa_pose:
+                self.pose_cnn = PoseCNN(cfg.pose_widths, b)
+                self.part_classifier = nn.Linear(b, len(PARTS))  # W_p of eq. 18
+
+    # ---- schedule ---------------------------------------------------------------------------------
+    def loss_names(self) -> tuple[str, ...]:
+        branch = "ca" if self.cfg.coarse else "global"
+        names = [f"{branch}_ranking", f"{branch}_identity"]
+        if self.cfg.fine:
+            names += ["fa_ranking", "fa_identity"] + (["part"] if self.cfg.fa_pose else [])
+        return tuple(names)
+
+    def stages(self, train: TrainConfig) -> list[Stage]:
+        """§Implementation Details: the pretrained CNN frozen at lr 1e-3, then all at 2e-4. The pose
+        CNN is randomly initialised, so it learns in both steps."""
+        cfg = self.cfg
+        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
+        return [
+            Stage("frozen_cnn", train.epochs if train.epochs is not None else cfg.frozen_epochs,
+                  train.lr or cfg.frozen_lr, self.loss_names(), trainable=heads, freeze_trunk=True),
+            Stage("all", train.epochs if train.epochs is not None else cfg.full_epochs,
+                  train.lr or cfg.full_lr, self.loss_names()),
+        ]  # fmt: skip
+
+    # ---- image path -------------------------------------------------------------------------------
+    def _pose(self, batch: Batch) -> Tensor:
+        if "pose" not in batch:
+            raise PedError(
+                "PMA needs pose confidence maps but the batch has none (the cache was preprocessed "
+                "without pose)",
+                "preprocess with --pose-source blazepose|annotations, or train with "
+                "pose_concat=false and fa_pose=false (or fine=false)",
+            )
+        return batch["pose"].float()
+
+    def image_trunk(self, batch: Batch) -> Tensor:
+        """CNN on the (pose-augmented) image, pooled to the stripes × columns region grid [B, C, 6, 4]:
+        each stripe averages its rows of the last map (a 12×4 map → 6×4), which also keeps the
+        frozen-trunk cache small."""
+        x = batch["image"]
+        if self.cfg.pose_concat:  # "Con-pose": pose maps (1/8 resolution) upsampled to the image
+            pose = F.interpolate(self._pose(batch), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, pose.to(x.dtype)], dim=1)
+        last = self.backbone(x)[-1]
+        return F.adaptive_avg_pool2d(last, (self.cfg.stripes, self.cfg.columns))
+
+    def pose_parts(self, batch: Batch) -> Tensor:
+        """p_k of the 6 body parts [B, 6, b]: keypoint maps summed per part, then the pose CNN."""
+        return self.pose_cnn(group_parts(self._pose(batch)))
+
+    def encode_images(self, batch: Batch) -> Features:
+        """"global": the mean projected region (eq. 14's φ(I)_avg; the shortlist feature);
+        "regions" [B, 24, b]: φ̃_ij of eq. 5 (stripe-major); FA with pose: "parts" p_k [B, 6, b] and
+        "fa_parts" φ^p_k [B, 6, b] (p_k attending over the regions, as eqs. 10–11 do over phrases);
+        FA without pose: "fa_regions" [B, 24, b]."""
+        grid = self.trunk_output(batch).float()  # [B, C, S, W]
+        regions = grid.permute(0, 2, 3, 1)  # [B, S, W, C]
+        projected = self.region_proj(regions).flatten(1, 2)  # eq. 5, [B, 24, b]
+        feats = {"global": projected.mean(1)}
+        if self.cfg.coarse:
+            feats["regions"] = projected
+        if self.cfg.fine:
+            fa_regions = self.fa_region_fc(regions.flatten(1, 2))
+            if self.cfg.fa_pose:
+                parts = self.pose_parts(batch)
+                feats["parts"] = parts
+                feats["fa_parts"] = attend_by_cosine(parts, fa_regions)[0]
+            else:
+                feats["fa_regions"] = fa_regions
+        return feats
+
+    # ---- text path --------------------------------------------------------------------------------
+    def phrase_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Each noun phrase run through the bi-LSTM as a sequence of its own (eqs. 1–4 on its words):
+        ([B, P, 2d] zero where no phrase, mask [B, P])."""
+        tokens, spans = batch["tokens"], batch["phrases"]
+        b, p = spans.shape[:2]
+        cut = gather_spans(tokens, spans, batch["n_phrases"])
+        if cut.tokens.shape[0] == 0:  # no caption of the batch has a phrase
+            zeros = torch.zeros(b, p, self.text.out_dim, device=tokens.device)
+            return zeros, torch.zeros(b, p, dtype=torch.bool, device=tokens.device)
+        _, vectors, _ = self.text(cut.tokens, cut.lengths)
+        return cut.unflatten(vectors, b, p)
+
+    def encode_texts(self, batch: Batch) -> Features:
+        """"global": ẽ^t (eqs. 4, 6); FA: "phrases" ẽ^n [B, P, b] and "phrases_mask" [B, P] (word
+        states instead of phrases when fa_units="words")."""
+        states, sentence, mask = self.text(batch["tokens"], batch["lengths"])
+        feats = {"global": self.sentence_fc(sentence)}
+        if self.cfg.fine:
+            units, units_mask = (states, mask) if self.cfg.fa_units == "words" else self.phrase_states(batch)
+            feats["phrases"] = self.phrase_fc(units)
+            feats["phrases_mask"] = units_mask
+        return feats
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def _coarse(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(S_ca, local similarities s_ij [..., 24], attention weights [..., 24]) — eqs. 7–9."""
+        t = F.normalize(text["global"], dim=-1)[:, None]
+        if not self.cfg.coarse:  # Table 3 without CA: cosine of the global features
+            s = _cross(t, F.normalize(image["global"], dim=-1)[:, None], pairwise)[..., 0, :]
+            return s[..., 0], s, torch.ones_like(s)
+        s = _cross(t, F.normalize(image["regions"], dim=-1), pairwise)[..., 0, :]  # eq. 7
+        w = coarse_attention(s, self.cfg.ca_attention, self.cfg.ca_top_m)  # eqs. 8–9
+        return (w * s).sum(-1), s, w
+
+    def _fine_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
+        """(S_fa, α [..., 6, P]) — eqs. 10–13, each part p_k attending over the noun phrases.
+
+        cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
+        the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
+        phrases, mask = text["phrases"], text["phrases_mask"]
+        norms = phrases.norm(dim=-1)  # [nt, P]
+        units = torch.cat([F.normalize(image["parts"], dim=-1), F.normalize(image["fa_parts"], dim=-1)], 1)
+        cos = _cross(F.normalize(phrases, dim=-1), units, pairwise).transpose(-1, -2)  # [..., 12, P]
+        k = len(PARTS)
+        alpha = masked_softmax(cos[..., :k, :], _per_text(mask, pairwise)[..., None, :])  # eq. 11
+        dots = cos[..., k:, :] * _per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
+        gram = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
+        return _attended_cosine(alpha, dots, gram).sum(-1), alpha  # eqs. 12–13
+
+    def _fine_no_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
+        """(S_fa, β [..., P, 24]) — Table 5 "FA w/o pose": each phrase attends over the regions by
+        cosine (eq. 11 with the phrase in the part's place); S_fa is the mean of the phrases' cosines
+        with their attended regions (a caption's phrase count must not scale its score)."""
+        phrases, mask = text["phrases"], text["phrases_mask"]
+        regions = image["fa_regions"]
+        r_norms = regions.norm(dim=-1)  # [ni, 24]
+        cos = _cross(F.normalize(phrases, dim=-1), F.normalize(regions, dim=-1), pairwise)  # [..., P, 24]
+        beta = torch.softmax(cos, dim=-1)
+        dots = cos * _per_image(r_norms, pairwise)[..., None, :]  # ê_i · r̃_j
+        gram = _per_image(regions @ regions.transpose(1, 2), pairwise)
+        s = _attended_cosine(beta, dots, gram)  # [..., P]
+        m = _per_text(mask, pairwise).to(s.dtype)
+        return (s * m).sum(-1) / m.sum(-1).clamp(min=1), beta
+
+    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
+        """S = S_ca + λ3·S_fa (§Learning PMA, test-time score)."""
+        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
+        image = {k: v.float() for k, v in image.items()}
+        score = self._coarse(text, image, pairwise)[0]
+        if self.cfg.fine:
+            fine = self._fine_pose if self.cfg.fa_pose else self._fine_no_pose
+            score = score + self.cfg.lambda3 * fine(text, image, pairwise)[0]
+        return score
+
+    def _pair_width(self, text: Features) -> int:
+        """Elements per (text, image) pair of the largest scoring intermediate."""
+        regions = self.cfg.stripes * self.cfg.columns
+        if not self.cfg.fine:
+            return regions
+        units = int(_trim_units(text)["phrases"].shape[1])
+        return max(regions, units * (2 * len(PARTS) if self.cfg.fa_pose else regions))
+
+    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
+        nt = text_feats["global"].shape[0]
+        ni = image_feats["global"].shape[0]
+        step = max(1, SCORE_BUDGET // max(1, ni * self._pair_width(text_feats)))
+        return torch.cat(
+            [self._scores(index_features(text_feats, slice(s, s + step)), image_feats, pairwise=False)
+             for s in range(0, nt, step)]
+        ) if nt else torch.empty(0, ni)  # fmt: skip
+
+    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        return self._scores(text_feats, image_feats, pairwise=True)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
+        """Eq. 19: L_ca + λ3·L_fa + λ4·L_p; each branch L = L_r + λ1·L_idi + λ2·L_idt (eqs. 14–15)."""
+        cfg = self.cfg
+        image, text = self.encode_images(batch), self.encode_texts(batch)
+        pids, labels = batch["pid"], batch["label"]
+        branch = "ca" if cfg.coarse else "global"
+        out = {
+            f"{branch}_ranking": triplet_hardest(self._coarse(text, image, False)[0], pids, cfg.margin),
+            f"{branch}_identity": cfg.lambda1 * identity_loss(self.ca_classifier(image["global"]), labels)
+            + cfg.lambda2 * identity_loss(self.ca_classifier(text["global"]), labels),  # eq. 14
+        }
+        if cfg.fine:
+            if cfg.fa_pose:
+                sim, img_id = self._fine_pose(text, image, False)[0], image["fa_parts"].mean(1)
+            else:
+                sim, img_id = self._fine_no_pose(text, image, False)[0], image["fa_regions"].mean(1)
+            txt_id = masked_pool(text["phrases"], text["phrases_mask"])
+            out["fa_ranking"] = cfg.lambda3 * triplet_hardest(sim, pids, cfg.margin)
+            out["fa_identity"] = cfg.lambda3 * (
+                cfg.lambda1 * identity_loss(self.fa_classifier(img_id), labels)
+                + cfg.lambda2 * identity_loss(self.fa_classifier(txt_id), labels)
+            )
+            if cfg.fa_pose:  # eq. 18: each p_k classified as part k
+                logits = self.part_classifier(image["parts"])  # [B, 6, 6]
+                target = torch.arange(len(PARTS), device=logits.device).expand(logits.shape[0], -1)
+                out["part"] = cfg.lambda4 * F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        return {name: out[name] for name in stage.losses}
+
+    # ---- explanation ------------------------------------------------------------------------------
+    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:
+        """For the first query and each image: the CA regions kept by the attention (eq. 9) with their
+        softmax weights q_ij (eq. 8) and cosines s_ij (eq. 7), and per body part the weight of each noun
+        phrase (eq. 11)."""
+        text = index_features(text_feats, slice(0, 1))
+        text = {k: v if v.dtype == torch.bool else v.float() for k, v in text.items()}
+        image = {k: v.float() for k, v in image_feats.items()}
+        with torch.no_grad():
+            _, s, w = self._coarse(text, image, pairwise=False)
+            out: dict[str, Any] = {
+                "region_grid": (self.cfg.stripes, self.cfg.columns),
+                "regions": torch.softmax(s[0], dim=-1).numpy(),  # [ni, 24]
+                "selected": (w[0] > 0).numpy(),
+                "region_similarity": s[0].numpy(),
+            }
+            if self.cfg.fine and self.cfg.fa_pose:
+                alpha = self._fine_pose(text, image, pairwise=False)[1]
+                out["parts"] = list(PARTS)
+                out["phrases"] = alpha[0][..., text["phrases_mask"][0]].numpy()  # [ni, 6, valid phrases]
+        return out

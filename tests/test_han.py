@@ -1,0 +1,256 @@
+"""HAN (pedcli/models/methods/han.py) and its similarity ranking loss, on tiny widths and 64×32 images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from method_batch import TINY_INFO, repad, tiny_batch
+
+from pedcli.errors import PedError
+from pedcli.models.losses import similarity_ranking_loss
+from pedcli.models.methods.base import TrainConfig, create_method
+
+TINY = {
+    "pretrained": "none",
+    "embed_dim": 8,
+    "word_dim": 6,
+    "hidden": 5,
+    "attention_dim": 4,
+    "channel_reduction": 8,
+}
+MID, LAST = (96, 4, 2), (1280, 2, 1)  # mobilenet_v2's stride-16 and stride-32 maps of a 64×32 image
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return create_method("han", TINY_INFO, {**TINY, **overrides})
+
+
+def trunk_batch():
+    """A batch whose image path starts from cached (mid, last) trunk maps, as in a frozen-trunk stage."""
+    g = torch.Generator().manual_seed(1)
+    return {**tiny_batch(), "trunk": (torch.randn(6, *MID, generator=g), torch.randn(6, *LAST, generator=g))}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make().eval()
+
+
+# ---- similarity ranking loss (eqs. 14–15) ---------------------------------------------------------
+# images I0 = (1, 0), I1 = (1, 1); captions T0 = (1, 0), T1 = (1, 3); two people.
+# Distances: D(T0,I0) = 0, D(T1,I1) = 2, D(T0,I1) = 1, D(T1,I0) = 3. Intra-image cosine S = 1/√2.
+IMAGES = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+TEXTS = torch.tensor([[1.0, 0.0], [1.0, 3.0]])
+PIDS = torch.tensor([0, 1])
+W = 1.0 - 1.0 / math.sqrt(2.0)  # β − S with β = 1
+
+
+def test_similarity_ranking_loss_text_to_image_by_hand() -> None:
+    # anchor T0: α + 0 − W·1; anchor T1: α + 2 − W·3 (both positive with α = 0.5)
+    expected = ((0.5 - W) + (0.5 + 2 - 3 * W)) / 2
+    assert similarity_ranking_loss(IMAGES, TEXTS, PIDS, margin=0.5).item() == pytest.approx(expected)
+
+
+def test_similarity_ranking_loss_both_directions_by_hand() -> None:
+    t2i = ((0.5 - W) + (0.5 + 2 - 3 * W)) / 2
+    # anchor I0 against T1: 0.5 + 0 − 3W < 0 → 0; anchor I1 against T0: 0.5 + 2 − W·1
+    i2t = (0.0 + (0.5 + 2 - W)) / 2
+    value = similarity_ranking_loss(IMAGES, TEXTS, PIDS, margin=0.5, directions="both")
+    assert value.item() == pytest.approx(t2i + i2t)
+
+
+def test_plain_ranking_loss_is_eq_14_by_hand() -> None:
+    # weight 1: anchor T0: 1.5 + 0 − 1; anchor T1: 1.5 + 2 − 3
+    value = similarity_ranking_loss(IMAGES, TEXTS, PIDS, margin=1.5, intra_similarity=False)
+    assert value.item() == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_similarity_ranking_loss_skips_same_person_pairs_and_keeps_finite_gradients() -> None:
+    images = IMAGES.clone().requires_grad_(True)
+    value = similarity_ranking_loss(images, TEXTS, torch.tensor([4, 4]), margin=0.5)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(images.grad).all()
+
+
+# ---- the model --------------------------------------------------------------------------------------
+def test_two_stage_schedule_of_the_paper() -> None:
+    stage1, stage2 = make().stages(TrainConfig())
+    assert (stage1.losses, stage1.epochs, stage1.lr) == (("cls",), 80, 1e-3)  # sec. 4.2
+    assert (stage2.losses, stage2.epochs, stage2.lr) == (("rank", "cls"), 60, 2e-4)
+    assert stage1.trainable == stage2.trainable == ("*",)
+
+
+def test_forward_backward_and_feature_shapes() -> None:
+    m = make()
+    batch = tiny_batch()
+    stage1, stage2 = m.stages(TrainConfig())
+    assert set(m.losses(batch, stage1)) == {"cls"}
+    losses = m.losses(batch, stage2)
+    assert set(losses) == {"rank", "cls"}
+    sum(losses.values()).backward()
+    for name in (
+        "backbone",
+        "spatial_attention",
+        "channel_attention",
+        "text_encoder",
+        "word_attention",
+        "cross_modal",
+        "fc2",
+        "classifier",
+    ):
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    m.eval()
+    with torch.no_grad():
+        img, txt = m.encode_images(batch), m.encode_texts(batch)
+    assert img["global"].shape == txt["global"].shape == (6, 8)
+    assert img["spatial_attention"].shape == (6, 2, 1)  # the last map's size
+
+
+def test_cross_modal_attention_weights_are_shared_by_both_modalities(model) -> None:
+    # eqs. 10-13 with one W: zero it and both modalities' features are scaled by exactly 1 + sigmoid(0)
+    m = make().eval()
+    torch.nn.init.zeros_(m.cross_modal.fc.weight)
+    torch.nn.init.zeros_(m.cross_modal.fc.bias)
+    x = torch.randn(3, 8)
+    assert torch.allclose(m.cross_modal(x), 1.5 * x)
+    assert sum(1 for mod in m.modules() if type(mod).__name__ == "CrossModalAttention") == 1
+
+
+def test_cubic_attention_is_eq_3() -> None:
+    m = make(residual_weight=0.3).eval()
+    for layer in (m.channel_attention.mlp[-1], m.spatial_attention.conv):  # both attentions → sigmoid(0)
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    mid, last = trunk_batch()["trunk"]
+    att, spatial = m.cubic_attention(mid, last)
+    assert torch.allclose(att, (0.5 * 0.5 + 0.3) * last)  # A_c ⊗ F ⊗ A_s + b·F
+    assert torch.allclose(spatial, torch.full((6, 2, 1), 0.5))
+
+
+def test_spatial_attention_comes_from_the_mid_level_map() -> None:
+    batch = trunk_batch()
+    mid, last = batch["trunk"]
+    moved = {**batch, "trunk": (mid + torch.randn_like(mid), last)}
+    for source, should_change in (("mid", True), ("last", False)):
+        m = make(spatial_source=source).eval()
+        with torch.no_grad():
+            a, b = m.encode_images(batch), m.encode_images(moved)
+        assert (not torch.allclose(a["spatial_attention"], b["spatial_attention"])) == should_change
+        assert ((a["spatial_attention"] > 0) & (a["spatial_attention"] < 1)).all()
+
+
+def test_word_attention_sums_to_one_over_the_valid_words(model) -> None:
+    batch = tiny_batch()
+    with torch.no_grad():
+        _, alpha = model.text_semantic(batch)
+    mask = torch.arange(8)[None, :] < batch["lengths"][:, None]
+    assert torch.allclose(alpha.sum(1), torch.ones(6))  # eq. 8
+    assert (alpha * ~mask).abs().max() == 0
+
+
+def test_text_features_ignore_padding(model) -> None:
+    batch = tiny_batch()
+    with torch.no_grad():
+        a, b = model.encode_texts(batch)["global"], model.encode_texts(repad(batch, 12))["global"]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_similarity_is_negative_euclidean_distance_and_matches_pair_similarity(model) -> None:
+    batch = trunk_batch()
+    with torch.no_grad():
+        txt, img = model.encode_texts(batch), model.encode_images(batch)
+        sim, pair = model.similarity(txt, img), model.pair_similarity(txt, img)
+        own = model.similarity(img, img)  # an image against itself: distance 0, the best score
+    assert sim.shape == (6, 6) and (sim <= 0).all()
+    assert torch.allclose(sim.diagonal(), pair, atol=1e-5)
+    assert torch.allclose(own.diagonal(), torch.zeros(6), atol=1e-3)
+    assert (own.argmax(1) == torch.arange(6)).all()
+
+
+def test_encode_images_uses_the_cached_trunk(model) -> None:
+    batch = tiny_batch()
+    with torch.no_grad():
+        direct = model.encode_images(batch)["global"]
+        cached = model.encode_images({"trunk": model.image_trunk(batch)})["global"]
+    assert torch.allclose(direct, cached, atol=1e-6)
+
+
+def test_unidirectional_lstm_reads_only_the_preceding_words() -> None:
+    m = make(bidirectional=False, self_attention=False).eval()
+    batch = tiny_batch()
+    changed = batch["tokens"].clone()
+    changed[0, 6] = 3 if changed[0, 6] != 3 else 4  # the last word of caption 0 (length 7)
+    with torch.no_grad():
+        h, _, _ = m.text_encoder(batch["tokens"], batch["lengths"])
+        h2, _, _ = m.text_encoder(changed, batch["lengths"])
+    forward = slice(0, 5)  # hidden = 5 per direction; the model reads only this half
+    assert torch.allclose(h[0, :6, forward], h2[0, :6, forward])
+    assert not torch.allclose(h[0, :6, 5:], h2[0, :6, 5:])  # the backward half would have seen it
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage_losses"),
+    [
+        ({"spatial_attention": False}, [("cls",), ("rank", "cls")]),  # Table 2: ResNet50 + CA
+        ({"channel_attention": False}, [("cls",), ("rank", "cls")]),  # + SA
+        ({"spatial_attention": False, "channel_attention": False}, [("cls",), ("rank", "cls")]),  # plain
+        ({"spatial_source": "last"}, [("cls",), ("rank", "cls")]),  # SA + CA on conv5
+        ({"bidirectional": False}, [("cls",), ("rank", "cls")]),  # Table 3
+        ({"self_attention": False}, [("cls",), ("rank", "cls")]),
+        ({"cross_modal_attention": False}, [("cls",), ("rank", "cls")]),  # Table 4
+        ({"ranking": "plain"}, [("cls",), ("rank", "cls")]),  # Table 5
+        ({"ranking": "none"}, [("cls",), ("cls",)]),
+        ({"classification": False}, [("rank",)]),
+        ({"rank_directions": "both"}, [("cls",), ("rank", "cls")]),
+        ({"stage1_freeze_trunk": True}, [("cls",), ("rank", "cls")]),
+    ],
+)
+def test_every_ablation_switch_builds_and_trains(overrides, stage_losses) -> None:
+    m = make(**overrides)
+    batch = trunk_batch()
+    stages = m.stages(TrainConfig(epochs=1))
+    assert [s.losses for s in stages] == stage_losses
+    for stage in stages:
+        out = m.losses(batch, stage)
+        assert set(out) == set(stage.losses)
+        total = sum(out.values())
+        assert torch.isfinite(total)
+        total.backward()
+    with torch.no_grad():
+        assert m.eval().encode_texts(batch)["global"].shape == (6, 8)
+
+
+def test_frozen_first_stage_leaves_the_backbone_out() -> None:
+    m = make(stage1_freeze_trunk=True)
+    stage1, stage2 = m.stages(TrainConfig())
+    assert stage1.freeze_trunk and not stage2.freeze_trunk
+    assert not any(name.startswith("backbone.") for name, _ in m.trainable_parameters(stage1))
+
+
+def test_explain_returns_the_spatial_attention(model) -> None:
+    batch = trunk_batch()
+    with torch.no_grad():
+        img = model.encode_images(batch)
+        out = model.explain(model.encode_texts(batch), img)
+    assert torch.equal(out["spatial_attention"], img["spatial_attention"])
+    assert make(spatial_attention=False).explain({}, {"global": torch.zeros(1, 8)}) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"spatial_source": "low"},
+        {"ranking": "hinge"},
+        {"rank_directions": "i2t"},
+        {"ranking": "none", "classification": False},
+        {"backbone": "alexnet"},
+    ],
+)
+def test_bad_options_are_clear_errors(bad) -> None:
+    with pytest.raises(PedError):
+        make(**bad)
