@@ -77,9 +77,8 @@ def parse_assignments(items: Sequence[str], method_config: type, train_options: 
         try:
             out[section][name] = _convert(text.strip(), types_[name], key)
         except (ValueError, json.JSONDecodeError) as e:
-            raise PedError(
-                f"--set {key}={text!r}: cannot read it as {type_name(types_[name])} ({e})", "check the value's type"
-            ) from None
+            wanted = type_name(types_[name])
+            raise PedError(f"--set {key}={text!r} is not a valid {wanted} ({e})", "check the value") from None
     return out["method"], out["train"]
 
 
@@ -94,5 +93,5 @@ def describe_options(cls: type) -> list[tuple[str, str, str]]:
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append((f.name, type_name(tp), repr(default)))
+        rows.append((f.name, type_name(types_[f.name]), repr(default)))
     return rows

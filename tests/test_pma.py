@@ -1,0 +1,282 @@
+"""PMA (pedcli/models/methods/pma.py): its equations on hand-made tensors, then the model on tiny widths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from method_batch import TINY_INFO, tiny_batch
+
+from pedcli.data.schema import KEYPOINTS
+from pedcli.errors import PedError
+from pedcli.models.methods import pma
+from pedcli.models.methods.base import Batch, TrainConfig, create_method
+from pedcli.pose.keypoints import PARTS
+
+TINY = {"embed_dim": 8, "hidden": 6, "word_dim": 5, "pose_widths": [4, 4, 4, 4]}
+N_PHRASES = (2, 1, 2, 0, 3, 1)  # caption 3 has no noun phrase
+
+
+def pma_batch(seed: int = 0) -> Batch:
+    """method_batch's 6 pairs plus 1/8-resolution pose maps and noun-phrase spans inside each caption."""
+    batch = tiny_batch(seed)
+    g = torch.Generator().manual_seed(seed)
+    h, w = (s // 8 for s in TINY_INFO.image_size)
+    spans = torch.full((6, 3, 2), -1)
+    for i, (n, length) in enumerate(zip(N_PHRASES, batch["lengths"].tolist(), strict=True)):
+        cuts = torch.linspace(0, length, n + 1).round().long()
+        spans[i, :n] = torch.stack([cuts[:-1], cuts[1:]], dim=1)
+    return {
+        **batch,
+        "pose": torch.rand(6, len(KEYPOINTS), h, w, generator=g),
+        "phrases": spans,
+        "n_phrases": torch.tensor(N_PHRASES),
+    }
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return create_method("pma", TINY_INFO, {**TINY, **overrides})
+
+
+def features(model, batch: Batch | None = None):
+    batch = pma_batch() if batch is None else batch
+    with torch.no_grad():
+        return model.encode_texts(batch), model.encode_images(batch)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make().eval()  # ImageNet MobileNetV2 (offline): an untrained CNN's eval-mode maps are ~0
+
+
+# ---- coarse alignment, eqs. 7–9 --------------------------------------------------------------------
+def test_hard_attention_keeps_exactly_the_regions_at_or_above_tau() -> None:
+    s = torch.zeros(3, 24)
+    # exp weights e², e^0.5, 22 × 1: mean 1.29 < e^0.5 = 1.65, so region 1 passes τ = 1/24 as well ...
+    s[0, 0], s[0, 1] = 2.0, 0.5
+    # ... but next to e³ the mean is 1.82 > 1.65: the same cosine 0.5 is now dropped (τ is relative)
+    s[1, 0], s[1, 1] = 3.0, 0.5
+    # row 2: all equal, every q = τ exactly: eq. 9's ≥ keeps all of them
+    w = pma.coarse_attention(s, "hard")
+    assert w[0].nonzero().flatten().tolist() == [0, 1]
+    assert w[1].nonzero().flatten().tolist() == [0]
+    assert w[2].tolist() == [1.0] * 24
+    q = torch.softmax(s[:2], dim=1)
+    assert torch.equal(w[:2] > 0, q >= 1 / 24)
+    assert ((w * s).sum(1)[:2] == torch.tensor([2.5, 3.0])).all()  # eq. 9: S_ca sums the kept s_ij
+
+
+def test_soft_and_top_m_attention() -> None:
+    s = torch.randn(2, 24)
+    assert torch.allclose(pma.coarse_attention(s, "soft"), torch.softmax(s, dim=1))
+    top = pma.coarse_attention(s, "top_m", top_m=5)
+    assert (top.sum(1) == 5).all()
+    assert torch.equal(top.bool(), s >= s.topk(5, dim=1).values[:, -1:])
+
+
+def test_ca_score_sums_the_cosines_of_the_kept_regions(model) -> None:
+    text, image = features(model)
+    t, i = 2, 4
+    s = F.cosine_similarity(text["global"][t][None], image["regions"][i], dim=1)  # eq. 7, [24]
+    kept = torch.softmax(s, 0) >= 1 / 24  # eqs. 8–9
+    ca = model._coarse(text, image, pairwise=False)[0]
+    assert 0 < kept.sum() < 24
+    assert ca[t, i].item() == pytest.approx(s[kept].sum().item(), abs=1e-5)
+
+
+# ---- fine-grained alignment, eqs. 10–13 ------------------------------------------------------------
+def test_fa_score_follows_eqs_10_to_13(model) -> None:
+    text, image = features(model)
+    t, i = 4, 5  # caption 4 has three phrases
+    phrases = text["phrases"][t][text["phrases_mask"][t]]
+    total = 0.0
+    for k in range(len(PARTS)):
+        alpha = torch.softmax(F.cosine_similarity(image["parts"][i, k][None], phrases, dim=1), 0)  # eq. 11
+        e_pn = (alpha[:, None] * phrases).sum(0)  # eq. 10
+        total += F.cosine_similarity(e_pn, image["fa_parts"][i, k], dim=0).item()  # eqs. 12–13
+    fa = model._fine_pose(text, image, pairwise=False)[0]
+    assert fa[t, i].item() == pytest.approx(total, abs=1e-5)
+    assert (fa[3] == 0).all()  # no noun phrase: nothing to align
+
+
+def test_fa_image_side_attends_over_the_regions_by_pose_part(model) -> None:
+    batch = pma_batch()
+    with torch.no_grad():
+        parts = model.pose_parts(batch)
+        grid = model.image_trunk(batch)
+        regions = model.fa_region_fc(grid.flatten(2).transpose(1, 2))
+        fa_parts = model.encode_images(batch)["fa_parts"]
+    alpha = torch.softmax(F.cosine_similarity(parts[1, 3][None], regions[1], dim=1), 0)
+    assert torch.allclose(fa_parts[1, 3], (alpha[:, None] * regions[1]).sum(0), atol=1e-5)
+
+
+def test_fa_without_pose_lets_each_phrase_attend_over_the_regions() -> None:
+    m = make(fa_pose=False).eval()
+    text, image = features(m)
+    t, i = 0, 1
+    cosines = []
+    for e in text["phrases"][t][text["phrases_mask"][t]]:
+        beta = torch.softmax(F.cosine_similarity(e[None], image["fa_regions"][i], dim=1), 0)
+        cosines.append(F.cosine_similarity(e, (beta[:, None] * image["fa_regions"][i]).sum(0), dim=0).item())
+    fa = m._fine_no_pose(text, image, pairwise=False)[0]
+    assert len(cosines) == 2 and fa[t, i].item() == pytest.approx(sum(cosines) / 2, abs=1e-5)
+
+
+def test_body_parts_are_the_grouped_keypoint_maps(model) -> None:
+    """FA sums the 14 maps into the 6 parts (group_parts): a knee-only pose changes leg and foot only."""
+    batch = pma_batch()
+    zero = {**batch, "pose": torch.zeros_like(batch["pose"])}
+    knee = {**batch, "pose": torch.zeros_like(batch["pose"])}
+    knee["pose"][:, KEYPOINTS.index("left_knee"), 1:3, 1:3] = 1.0
+    with torch.no_grad():
+        changed = (model.pose_parts(knee) - model.pose_parts(zero)).abs().amax(dim=(0, 2)) > 1e-6
+    assert [p for p, c in zip(PARTS, changed.tolist(), strict=True) if c] == ["leg", "foot"]
+
+
+def test_noun_phrases_are_encoded_on_their_own(model) -> None:
+    batch = pma_batch()
+    outside = batch["tokens"].clone()
+    outside[4, 0] = 3 if outside[4, 0] != 3 else 4  # inside caption 4's first phrase only
+    with torch.no_grad():
+        before = model.encode_texts(batch)["phrases"][4]
+        after = model.encode_texts({**batch, "tokens": outside})["phrases"][4]
+    assert not torch.allclose(before[0], after[0])
+    assert torch.allclose(before[1:], after[1:], atol=1e-6)  # context outside a phrase is not read
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+def test_feature_shapes_and_schedule(model) -> None:
+    text, image = features(model)
+    assert {k: tuple(v.shape) for k, v in image.items()} == {
+        "global": (6, 8), "regions": (6, 24, 8), "parts": (6, 6, 8), "fa_parts": (6, 6, 8)}  # fmt: skip
+    assert {k: tuple(v.shape) for k, v in text.items()} == {
+        "global": (6, 8), "phrases": (6, 3, 8), "phrases_mask": (6, 3)}  # fmt: skip
+    assert text["phrases_mask"].sum(1).tolist() == list(N_PHRASES)
+    assert model.backbone.stages[0][0][0].in_channels == 17  # image + 14 pose maps
+    frozen, full = model.stages(TrainConfig())
+    assert (frozen.freeze_trunk, frozen.lr, full.freeze_trunk, full.lr) == (True, 1e-3, False, 2e-4)
+    learning = {name.split(".")[0] for name, _ in model.trainable_parameters(frozen)}
+    assert "backbone" not in learning and {"pose_cnn", "text", "region_proj"} <= learning
+
+
+SWITCHES = [  # (overrides, losses, image feature keys)
+    ({}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"}, {"regions", "parts", "fa_parts"}),
+    ({"pose_concat": False}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
+     {"regions", "parts", "fa_parts"}),  # Table 3
+    ({"coarse": False}, {"global_ranking", "global_identity", "fa_ranking", "fa_identity", "part"},
+     {"parts", "fa_parts"}),  # Table 3
+    ({"fine": False}, {"ca_ranking", "ca_identity"}, {"regions"}),  # Table 3
+    ({"ca_attention": "soft"}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
+     {"regions", "parts", "fa_parts"}),  # Table 4
+    ({"ca_attention": "top_m", "ca_top_m": 5}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
+     {"regions", "parts", "fa_parts"}),  # Table 4
+    ({"fa_pose": False}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity"},
+     {"regions", "fa_regions"}),  # Table 5
+    ({"fa_units": "words"}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
+     {"regions", "parts", "fa_parts"}),  # Table 5
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "losses", "image_keys"), SWITCHES)
+def test_every_switch_builds_and_takes_a_training_step(overrides, losses, image_keys) -> None:
+    """Step 1 of the schedule (CNN frozen, its output cached as the engine does) with each switch."""
+    m = make(pretrained="none", **overrides)
+    batch = pma_batch()
+    frozen, _ = m.stages(TrainConfig())
+    with torch.no_grad():
+        batch["trunk"] = m.image_trunk(batch)
+    del batch["image"]
+    opt = torch.optim.Adam([p for _, p in m.trainable_parameters(frozen)], lr=1e-2)
+    out = m.losses(batch, frozen)
+    assert set(out) == losses
+    total = sum(out.values())
+    assert torch.isfinite(total)
+    before = [p.detach().clone() for p in m.region_proj.parameters()]
+    total.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.region_proj.parameters(), strict=True))
+    m.eval()
+    text, image = features(m, batch)
+    assert set(image) == {"global"} | image_keys
+    assert m.similarity(text, image).shape == (6, 6)
+
+
+def test_the_second_step_trains_the_cnn_through_both_branches() -> None:
+    m = make(pretrained="none")
+    _, full = m.stages(TrainConfig())
+    out = m.losses(pma_batch(), full)
+    for name in ("ca_ranking", "fa_ranking"):
+        m.zero_grad()
+        out[name].backward(retain_graph=True)
+        assert m.backbone.stages[0][0][0].weight.grad.abs().sum() > 0, name
+    assert m.pose_cnn.fc.weight.grad.abs().sum() > 0  # the pose CNN learns from FA's ranking loss
+
+
+@pytest.mark.parametrize("overrides", [{}, {"fa_pose": False}, {"fa_units": "words"}, {"coarse": False},
+                                       {"ca_attention": "top_m"}])
+def test_pair_similarity_is_the_diagonal_of_similarity(overrides, monkeypatch) -> None:
+    m = make(**overrides).eval()
+    text, image = features(m)
+    sim = m.similarity(text, image)
+    assert torch.allclose(m.pair_similarity(text, image), sim.diagonal(), atol=1e-5)
+    assert sim.std() > 1e-3  # images and captions are told apart
+    monkeypatch.setattr(pma, "SCORE_BUDGET", 1)  # one text per sub-chunk
+    assert torch.allclose(m.similarity(text, image), sim, atol=1e-5)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in image.items()}  # as `ped embed` stores
+    assert torch.allclose(m.similarity(text, half), sim, atol=5e-2)
+
+
+def test_score_is_ca_plus_lambda3_fa(model) -> None:
+    text, image = features(model)
+    ca = model._coarse(text, image, pairwise=False)[0]
+    fa = model._fine_pose(text, image, pairwise=False)[0]
+    assert torch.allclose(model.similarity(text, image), ca + fa, atol=1e-5)
+    heavier = make(lambda3=2.0).eval()
+    assert torch.allclose(heavier.similarity(*features(heavier)), ca + 2 * fa, atol=1e-5)
+
+
+def test_encode_images_uses_the_cached_trunk(model) -> None:
+    batch = pma_batch()
+    with torch.no_grad():
+        direct = model.encode_images(batch)
+        trunk = model.image_trunk(batch)
+        cached = model.encode_images({"trunk": trunk, "pose": batch["pose"]})  # no pixels in the batch
+    assert trunk.shape == (6, model.backbone.channels[-1], 6, 4)
+    assert all(torch.allclose(direct[k], cached[k], atol=1e-6) for k in direct)
+
+
+def test_pose_is_needed_only_by_the_switches_that_read_it() -> None:
+    batch = pma_batch()
+    del batch["pose"]
+    with pytest.raises(PedError, match="pose"):
+        make().encode_images(batch)
+    m = make(pose_concat=False, fa_pose=False).eval()
+    assert m.backbone.stages[0][0][0].in_channels == 3
+    assert set(m.encode_images(batch)) == {"global", "regions", "fa_regions"}
+
+
+def test_explain_shows_the_kept_regions_and_the_phrase_weights(model) -> None:
+    text, image = features(model)
+    out = model.explain({k: v[4:5] for k, v in text.items()}, image)
+    assert out["region_grid"] == (6, 4) and out["parts"] == list(PARTS)
+    assert out["regions"].shape == out["selected"].shape == (6, 24)
+    assert (out["selected"] == (out["regions"] >= 1 / 24 * (1 - 1e-6))).all()
+    assert out["phrases"].shape == (6, 6, 3)  # images × parts × the caption's three phrases
+    assert out["phrases"].sum(-1) == pytest.approx(1.0, abs=1e-5)
+    ca = model._coarse(text, image, pairwise=False)[0][4]
+    assert torch.allclose(torch.from_numpy((out["region_similarity"] * out["selected"]).sum(1)), ca, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"ca_attention": "max"}, {"fa_units": "chars"}, {"pose_widths": [4, 4]},
+                                 {"ca_top_m": 25}, {"backbone": "vit"}, {"nonsense": 1}])
+def test_bad_options_are_clear_errors(bad) -> None:
+    with pytest.raises(PedError):
+        make(**bad)
+
+
+def test_tau_is_one_over_the_number_of_regions() -> None:
+    s = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]])  # q = 3/6, 1/6, 1/6, 1/6 against τ = 1/4
+    assert pma.coarse_attention(s, "hard").tolist() == [[1.0, 0.0, 0.0, 0.0]]
