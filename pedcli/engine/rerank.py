@@ -141,9 +141,10 @@ def kreciprocal(
 def _jaccard_distance(v_query: torch.Tensor, v_gallery: torch.Tensor) -> torch.Tensor:
     """Zhong eq. 10: 1 − Σ min(V_q, V_g) / Σ max(V_q, V_g), gathering only the query's non-zero entries."""
     nnz = int((v_query > 0).sum(1).max())
+    print("nnz", nnz)
     out = torch.empty(v_query.shape[0], v_gallery.shape[0])
     step = _rows_per_chunk(nnz * v_gallery.shape[0])
-    g_t = v_gallery.T  # [n, ni]: row j = every image's weight on image j
+    g_t = v_gallery.T.contiguous()  # [n, ni]: row j = every image's weight on image j (rows gathered)
     for s in range(0, v_query.shape[0], step):
         vals, idx = v_query[s : s + step].topk(nnz, dim=1)  # zero entries contribute min(0, ·) = 0
         mins = torch.minimum(vals[:, :, None], g_t[idx]).sum(1)  # [c, ni]

@@ -1,0 +1,461 @@
+"""MIA — Multi-granularity Image-text Alignments (Niu et al., IEEE TIP 2020).
+
+Read beside the paper (/work/shared/papers/mia-multi-granularity-image-text-alignments.txt):
+
+- Image (§III, Fig. 4a): a CNN's last map; global mean pooling + an FC layer give I (GC); a 1×1
+  convolution and mean pooling over n = 6 horizontal stripes give the parts P_1..P_n (as PCB [42]).
+  The 1×1 convolution is linear, so it is applied after the stripe pooling (same result, and the frozen
+  trunk cache then holds [C] + [6, C] per image instead of the whole map).
+- Text: word embedding (eq. 1) and one Bi-GRU (eq. 2). The sentence FC gives T (eq. 3); every noun
+  phrase runs through the *same* Bi-GRU as a sequence of its own and a second FC gives N_j (eq. 5).
+- GC (eq. 4): s_G = cos(I, T).
+- RGA (eqs. 6–11): I→T, the parts weighted by softmax_i cos(MLP-V-RGA(P_i), T), aggregated into I_R,
+  s_I = cos(I_R, T); T→I, the phrases weighted by softmax_j cos(MLP-T-RGA(N_j), I) into T_R,
+  s_T = cos(T_R, I).
+- BFM (eqs. 12–17): P→N, each phrase attends over the parts (α, softmax over parts of the cosine of
+  the BFM MLPs' outputs), s_P = mean_j cos(Ĩ_j, N_j); N→P, each part attends over the phrases (β),
+  s_N = mean_i cos(T̃_i, P_i).
+- Fusion (eq. 18): s_F = s_G + λ1·(s_I + s_T)/2 + λ2·(s_P + s_N)/2 (λ1 = 1, λ2 = 0.5, §IV-C).
+- Objectives: identity on I and T with one classifier W_s, b_s shared by both (eq. 19); the sum of
+  hinges (eq. 20, margin 0.2), one per similarity s_G, s_I, s_T, s_P, s_N.
+- Step training (§III-B.2): step 1 identity only, CNN frozen (eq. 21, lr 1e-3, 10 epochs); step 2
+  identity + matching of GC and RGA, everything but the BFM MLPs learns (eq. 22, lr 2e-4, 20 epochs);
+  step 3 BFM matching, only the two BFM MLPs learn (eq. 23, lr 2e-4, 5 epochs). The paper's batch
+  size is 96 (`ped train --batch-size 96`).
+
+Ablation switches (MIAConfig): granularities (Table III upper block and Table IV's "Fine"), which score
+is reported (Table III lower block), `schedule="together"` (Table IV: BFM trained with the rest in step
+2, no step 3), `merge_steps` (Table VI), the objectives of steps 1 and 2 (Table V), λ1/λ2 (Tables
+XI–XII), `units="words"` (Table VII).
+
+Choices the paper leaves open: §IV-B says the MLPs map parts "from the dimension of 256 to P = 1024",
+but eqs. 7–8, 12–14 and 17 take cosines of aggregated *parts* with 1024-d text vectors, so the parts
+themselves must live in that space: the 1×1 convolution maps to `embed_dim` and each MLP is
+embed_dim → mlp_hidden → embed_dim with a ReLU between. Softmaxes take the cosines as they are (no
+temperature, as written). With `units="words"` every word is encoded on its own, like a one-word
+phrase. Without GC (`global_contrast=False`) I and T still exist: the identity objective initialises the
+text path with them, RGA is guided by them and the two-stage shortlist ranks by them.
+
+Scoring all pairs reduces each attention to dot products (one matrix product of text units with image
+units per kind) and [units × parts]-sized work per pair; aggregated vectors are never formed (their
+norms come from Gram matrices, see `_attended_cosine` in pma.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pedcli.errors import PedError
+from pedcli.models.attention import masked_softmax
+from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
+from pedcli.models.losses import SharedClassifier, identity_loss, sum_of_hinges
+from pedcli.models.methods.base import (
+    Batch,
+    DataInfo,
+    Features,
+    Method,
+    Stage,
+    TrainConfig,
+    index_features,
+    register_method,
+)
+from pedcli.models.methods.pma import _attended_cosine, _cross, _per_image, _per_text
+from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
+
+UNITS = ("phrases", "words")
+SCORES = ("fused", "global", "relation", "local")  # s_F, s_G, s_R, s_L (Table III lower block)
+SCHEDULES = ("step", "together")
+STEP1_OBJECTIVES = ("id", "mat", "id+mat")  # Table V
+STEP2_OBJECTIVES = ("mat", "id+mat")
+PHRASE_KEYS = ("phrases", "phrases_mask", "rga_phrases", "bfm_phrases")
+# Largest [text, image, units, parts] intermediate of one `similarity` call, in elements: texts are
+# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
+SCORE_BUDGET = 1 << 24
+
+# The similarity each matching loss (eq. 20) ranks, and the submodules it reaches (so a stage trains
+# exactly what its losses use; the backbone is added where the CNN is not frozen).
+MATCHING = {
+    "match_global": "s_G",  # L^G_M (eq. 22)
+    "match_i2t": "s_I",  # L^{I-T}_M
+    "match_t2i": "s_T",  # L^{T-I}_M
+    "match_p2n": "s_P",  # L^{P-N}_M (eq. 23)
+    "match_n2p": "s_N",  # L^{N-P}_M
+}
+LOSS_MODULES = {
+    "identity": ("text", "sentence_fc", "image_fc", "classifier"),
+    "match_global": ("text", "sentence_fc", "image_fc"),
+    "match_i2t": ("text", "sentence_fc", "part_conv", "rga"),
+    "match_t2i": ("text", "phrase_fc", "image_fc", "rga"),
+    "match_p2n": ("text", "phrase_fc", "part_conv", "bfm"),
+    "match_n2p": ("text", "phrase_fc", "part_conv", "bfm"),
+}
+
+
+@dataclass
+class MIAConfig:
+    """Every option; the paper's ablation tables map onto these fields (see each comment)."""
+
+    backbone: str = "mobilenet_v2"  # the paper: vgg16 / resnet50; mobilenet_v2 has offline weights
+    pretrained: str = "imagenet"  # "none" trains the CNN from scratch
+    last_stride: int = 2  # 1 gives the paper's 24×8 ResNet-50 map (stride 16, as PCB)
+    embed_dim: int = 1024  # V = C = P = N (§IV-B)
+    hidden: int = 1024  # H, Bi-GRU hidden size per direction
+    word_dim: int = 300  # E
+    mlp_hidden: int = 1024  # inner width of the four two-layer MLPs
+    parts: int = 6  # n horizontal stripes
+    global_contrast: bool = True  # GC: s_G and L^G_M (Table III)
+    relation: bool = True  # RGA: s_I, s_T (Table III)
+    fine: bool = True  # BFM: s_P, s_N (Table III)
+    units: str = "phrases"  # Table VII: "words" matches every word instead of the noun phrases
+    lambda1: float = 1.0  # eq. 18 weight of s_R (Table XI)
+    lambda2: float = 0.5  # eq. 18 weight of s_L (Table XII)
+    score: str = "fused"  # reported similarity: s_F, or one granularity (Table III "MIA (G/R/L)")
+    margin: float = 0.2  # α of eq. 20
+    schedule: str = "step"  # "step": 3 steps; "together": BFM learns with everything in step 2 (Table IV)
+    merge_steps: bool = False  # Table VI: steps 1 and 2 as one stage, the whole model at the step-2 lr
+    step1_objectives: str = "id"  # Table V: "id", "mat" or "id+mat"
+    step2_objectives: str = "id+mat"  # Table V: "mat" or "id+mat"
+    step1_epochs: int = 10
+    step1_lr: float = 1e-3
+    step2_epochs: int = 20
+    step2_lr: float = 2e-4
+    step3_epochs: int = 5
+    step3_lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        score_needs = {"global": self.global_contrast, "relation": self.relation, "local": self.fine}
+        checks = [
+            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
+             f"choose one of: {', '.join(BACKBONES)}"),
+            (self.units in UNITS, f"unknown MIA units '{self.units}'",
+             f"choose one of: {', '.join(UNITS)}"),
+            (self.score in SCORES, f"unknown MIA score '{self.score}'",
+             f"choose one of: {', '.join(SCORES)}"),
+            (self.schedule in SCHEDULES, f"unknown MIA schedule '{self.schedule}'",
+             f"choose one of: {', '.join(SCHEDULES)}"),
+            (self.step1_objectives in STEP1_OBJECTIVES, f"unknown step1_objectives '{self.step1_objectives}'",
+             f"choose one of: {', '.join(STEP1_OBJECTIVES)}"),
+            (self.step2_objectives in STEP2_OBJECTIVES, f"unknown step2_objectives '{self.step2_objectives}'",
+             f"choose one of: {', '.join(STEP2_OBJECTIVES)}"),
+            (self.global_contrast or self.relation or self.fine, "MIA needs at least one granularity",
+             "enable global_contrast, relation or fine"),
+            (score_needs.get(self.score, True), f"MIA score '{self.score}' needs its granularity enabled",
+             "enable it or report another score"),
+            (min(self.embed_dim, self.hidden, self.word_dim, self.mlp_hidden, self.parts) > 0,
+             "MIA embed_dim, hidden, word_dim, mlp_hidden and parts must be positive", "e.g. parts=6"),
+            (self.last_stride in (1, 2), f"last_stride must be 1 or 2, got {self.last_stride}", ""),
+        ]  # fmt: skip
+        for ok, msg, hint in checks:
+            if not ok:
+                raise PedError(msg, hint)
+
+    @property
+    def local(self) -> bool:
+        """Parts and phrases are needed (RGA or BFM)."""
+        return self.relation or self.fine
+
+
+class TwoMLPs(nn.Module):
+    """One module's pair of MLPs (Fig. 4): parts → `part_mlp`, phrases → `text_mlp`; two linear layers
+    with a ReLU between them (§IV-B)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.part_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.text_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+def word_spans(lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Every word as a one-token span [i, i+1) (Table VII "all words"): ([B, width, 2], counts [B])."""
+    start = torch.arange(width, device=lengths.device).expand(lengths.shape[0], -1)
+    return torch.stack([start, start + 1], dim=-1), lengths.clamp(max=width)
+
+
+def _trim_units(text: Features) -> Features:
+    """Drop phrase columns no text of this chunk uses (padding sized for the longest caption)."""
+    if "phrases_mask" not in text:
+        return text
+    used = text["phrases_mask"].any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    return {k: v[:, :n] if k in PHRASE_KEYS else v for k, v in text.items()}
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the last dim of the valid entries (eq. 14's 1/m); zero where none is valid."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+@register_method("mia")
+class MIA(Method):
+    """GC (global-global) + RGA (relation-guided global-local) + BFM (part ↔ noun-phrase) alignments."""
+
+    Config = MIAConfig
+    cfg: MIAConfig
+
+    def __init__(self, cfg: MIAConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        d = cfg.embed_dim
+        self.backbone = build_backbone(cfg.backbone, cfg.pretrained, last_stride=cfg.last_stride)
+        c = self.backbone.channels[-1]
+        self.image_fc = nn.Linear(c, d)  # GC: global mean pooling → FC → I
+        self.text = RNNTextEncoder(info.vocab_size, cfg.word_dim, cfg.hidden, cell="gru")  # eqs. 1–2
+        self.sentence_fc = nn.Linear(self.text.out_dim, d)  # W_g, b_g of eq. 3
+        self.classifier = SharedClassifier(d, info.num_classes, bias=True)  # W_s, b_s of eq. 19
+        if cfg.local:
+            self.part_conv = nn.Linear(c, d)  # the 1×1 convolution, applied to the stripe means
+            self.phrase_fc = nn.Linear(self.text.out_dim, d)  # W_l, b_l of eq. 5
+        if cfg.relation:
+            self.rga = TwoMLPs(d, cfg.mlp_hidden)  # MLP-V-RGA, MLP-T-RGA
+        if cfg.fine:
+            self.bfm = TwoMLPs(d, cfg.mlp_hidden)  # MLP-V-BFM, MLP-T-BFM
+
+    # ---- schedule ---------------------------------------------------------------------------------
+    def _matching(self, with_bfm: bool) -> tuple[str, ...]:
+        cfg = self.cfg
+        names = ["match_global"] * cfg.global_contrast + ["match_i2t", "match_t2i"] * cfg.relation
+        return tuple(names + ["match_p2n", "match_n2p"] * (cfg.fine and with_bfm))
+
+    def _objectives(self, spec: str, with_bfm: bool) -> tuple[str, ...]:
+        """Loss names of a step from its Table V objectives ("id", "mat", "id+mat")."""
+        ids = ("identity",) if "id" in spec.split("+") else ()
+        return ids + (self._matching(with_bfm) if "mat" in spec else ())
+
+    def _stage(
+        self, name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool, train: TrainConfig
+    ) -> Stage:
+        """A stage training exactly the submodules its losses reach (plus the CNN unless frozen)."""
+        if not losses:
+            raise PedError(
+                f"MIA stage '{name}' has no loss with these switches",
+                "enable a granularity the stage matches, or add the identity objective",
+            )
+        modules = {m for loss in losses for m in LOSS_MODULES[loss]} | (set() if frozen else {"backbone"})
+        return Stage(
+            name,
+            train.epochs if train.epochs is not None else epochs,
+            train.lr or lr,
+            losses,
+            trainable=tuple(sorted(modules)),
+            freeze_trunk=frozen,
+        )
+
+    def stages(self, train: TrainConfig) -> list[Stage]:
+        """§III-B.2 (eqs. 21–23) and §IV-B's rates and epochs; the switches give Tables IV–VI."""
+        cfg = self.cfg
+        together = cfg.schedule == "together"
+        step1 = self._objectives(cfg.step1_objectives, with_bfm=False)
+        step2 = self._objectives(cfg.step2_objectives, with_bfm=together)
+        if cfg.merge_steps:  # Table VI: one stage, CNN included, at the step-2 rate for both steps' epochs
+            merged = tuple(dict.fromkeys(step1 + step2))
+            stages = [self._stage("steps_1_2", cfg.step1_epochs + cfg.step2_epochs, cfg.step2_lr, merged,
+                                  False, train)]  # fmt: skip
+        else:
+            stages = [
+                self._stage("step1", cfg.step1_epochs, cfg.step1_lr, step1, True, train),  # eq. 21
+                self._stage("step2", cfg.step2_epochs, cfg.step2_lr, step2, False, train),  # eq. 22
+            ]
+        if cfg.fine and not together:  # eq. 23: only the two BFM MLPs learn
+            stages.append(Stage(
+                "step3", train.epochs if train.epochs is not None else cfg.step3_epochs,
+                train.lr or cfg.step3_lr, self._matching(with_bfm=True)[-2:], trainable=("bfm",),
+                freeze_trunk=True,
+            ))  # fmt: skip
+        return stages
+
+    # ---- image path -------------------------------------------------------------------------------
+    def image_trunk(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(global mean of the last map [B, C], mean of each of the n stripes [B, n, C])."""
+        last = self.backbone(batch["image"])[-1]
+        return last.mean(dim=(2, 3)), stripe_pool(last, self.cfg.parts)
+
+    def encode_images(self, batch: Batch) -> Features:
+        """Features: "global" I [B, d]; with RGA or BFM "parts" P_i [B, n, d]; "rga_parts" MLP-V-RGA(P_i) and
+        "bfm_parts" MLP-V-BFM(P_i) [B, n, d] (the MLP outputs depend on the image alone: stored once)."""
+        pooled, stripes = self.trunk_output(batch)
+        feats = {"global": self.image_fc(pooled.float())}
+        if self.cfg.local:
+            parts = self.part_conv(stripes.float())
+            feats["parts"] = parts
+            if self.cfg.relation:
+                feats["rga_parts"] = self.rga.part_mlp(parts)
+            if self.cfg.fine:
+                feats["bfm_parts"] = self.bfm.part_mlp(parts)
+        return feats
+
+    # ---- text path --------------------------------------------------------------------------------
+    def unit_vectors(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Each noun phrase (or word) through the Bi-GRU as a sequence of its own (eqs. 1–2 on its
+        words): ([B, M, 2H] zero where no unit, mask [B, M])."""
+        tokens = batch["tokens"]
+        if self.cfg.units == "words":
+            spans, counts = word_spans(batch["lengths"], tokens.shape[1])
+        else:
+            spans, counts = batch["phrases"], batch["n_phrases"]
+        b, m = spans.shape[:2]
+        cut = gather_spans(tokens, spans, counts)
+        if cut.tokens.shape[0] == 0:  # no caption of the batch has a unit
+            zeros = torch.zeros(b, m, self.text.out_dim, device=tokens.device)
+            return zeros, torch.zeros(b, m, dtype=torch.bool, device=tokens.device)
+        _, vectors, _ = self.text(cut.tokens, cut.lengths)
+        return cut.unflatten(vectors, b, m)
+
+    def encode_texts(self, batch: Batch) -> Features:
+        """Features: "global" T (eq. 3); with RGA or BFM "phrases" N_j (eq. 5) [B, M, d] with "phrases_mask"
+        [B, M], and the MLP outputs "rga_phrases" / "bfm_phrases" [B, M, d]."""
+        _, sentence, _ = self.text(batch["tokens"], batch["lengths"])
+        feats = {"global": self.sentence_fc(sentence)}
+        if self.cfg.local:
+            vectors, mask = self.unit_vectors(batch)
+            phrases = self.phrase_fc(vectors) * mask[..., None]
+            feats["phrases"], feats["phrases_mask"] = phrases, mask
+            if self.cfg.relation:
+                feats["rga_phrases"] = self.rga.text_mlp(phrases)
+            if self.cfg.fine:
+                feats["bfm_phrases"] = self.bfm.text_mlp(phrases)
+        return feats
+
+    # ---- the five similarities ----------------------------------------------------------------------
+    def _relation(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
+        """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11)."""
+        t_hat = F.normalize(text["global"], dim=-1)[:, None]  # [nt, 1, d]
+        i_hat = F.normalize(image["global"], dim=-1)[:, None]  # [ni, 1, d]
+        parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
+        v = torch.softmax(_cross(t_hat, F.normalize(image["rga_parts"], dim=-1), pairwise), -1)  # eq. 6
+        dots = _cross(t_hat, parts, pairwise)  # P_i · T̂, [..., 1, n]
+        gram = _per_image(parts @ parts.transpose(1, 2), pairwise)
+        s_i = _attended_cosine(v, dots, gram)[..., 0]  # eqs. 7–8
+        rel = _cross(F.normalize(text["rga_phrases"], dim=-1), i_hat, pairwise).transpose(-1, -2)
+        c = masked_softmax(rel, _per_text(mask, pairwise)[..., None, :])  # eq. 9, [..., 1, M]
+        dots = _cross(phrases, i_hat, pairwise).transpose(-1, -2)  # N_j · Î
+        gram = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
+        s_t = _attended_cosine(c, dots, gram)[..., 0]  # eqs. 10–11
+        return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
+
+    def _fine(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
+        """BFM: s_P with α (eqs. 12–14, phrases attend over parts) and s_N with β (eqs. 15–17, parts
+        attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
+        parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
+        cos = _cross(F.normalize(text["bfm_phrases"], dim=-1), F.normalize(image["bfm_parts"], dim=-1),
+                     pairwise)  # fmt: skip  # [..., M, n]
+        raw = _cross(phrases, parts, pairwise)  # N_j · P_k, [..., M, n]
+        n_norm = _per_text(phrases.norm(dim=-1), pairwise)[..., :, None].clamp(min=1e-8)
+        p_norm = _per_image(parts.norm(dim=-1), pairwise)[..., None, :].clamp(min=1e-8)
+        alpha = torch.softmax(cos, dim=-1)  # eq. 13
+        gram_p = _per_image(parts @ parts.transpose(1, 2), pairwise)
+        per_phrase = _attended_cosine(alpha, raw / n_norm, gram_p)  # cos(Ĩ_j, N_j), eq. 12
+        m = _per_text(mask, pairwise)
+        s_p = _masked_mean(per_phrase, m)  # eq. 14
+        beta = masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
+        gram_n = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
+        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n)  # cos(T̃_i, P_i), eq. 15
+        return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
+
+    def components(
+        self, text: Features, image: Features, pairwise: bool, which: set[str]
+    ) -> dict[str, Tensor]:
+        """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), [nt, ni] or [n] for aligned
+        pairs, plus the attention weights of the modules computed."""
+        out: dict[str, Tensor] = {}
+        if "s_G" in which:  # eq. 4
+            t, i = F.normalize(text["global"], dim=-1), F.normalize(image["global"], dim=-1)
+            out["s_G"] = (t * i).sum(-1) if pairwise else t @ i.T
+        if which & {"s_I", "s_T"}:
+            out |= self._relation(text, image, pairwise)
+        if which & {"s_P", "s_N"}:
+            out |= self._fine(text, image, pairwise)
+        return out
+
+    def _score_terms(self) -> dict[str, float]:
+        """Weights of s_G, s_I, s_T, s_P, s_N in the reported score (eq. 18; a granularity not used gets
+        λ = 0, §IV-C)."""
+        cfg = self.cfg
+        if cfg.score == "global":
+            return {"s_G": 1.0}
+        if cfg.score == "relation":
+            return {"s_I": 0.5, "s_T": 0.5}
+        if cfg.score == "local":
+            return {"s_P": 0.5, "s_N": 0.5}
+        terms = {"s_G": 1.0} if cfg.global_contrast else {}
+        if cfg.relation:
+            terms |= {"s_I": cfg.lambda1 / 2, "s_T": cfg.lambda1 / 2}
+        if cfg.fine:
+            terms |= {"s_P": cfg.lambda2 / 2, "s_N": cfg.lambda2 / 2}
+        return terms
+
+    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
+        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
+        image = {k: v.float() for k, v in image.items()}
+        terms = self._score_terms()
+        comps = self.components(text, image, pairwise, set(terms))
+        return sum(w * comps[name] for name, w in terms.items())
+
+    def _pair_width(self, text: Features) -> int:
+        """Elements per (text, image) pair of the largest scoring intermediate."""
+        if not self.cfg.local:
+            return 1
+        units = int(_trim_units(text)["phrases"].shape[1])
+        return max(self.cfg.parts, units) * (self.cfg.parts if self.cfg.fine else 1)
+
+    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
+        nt = text_feats["global"].shape[0]
+        ni = image_feats["global"].shape[0]
+        if nt == 0:
+            return torch.empty(0, ni)
+        step = max(1, SCORE_BUDGET // max(1, ni * self._pair_width(text_feats)))
+        return torch.cat([
+            self._scores(index_features(text_feats, slice(s, s + step)), image_feats, pairwise=False)
+            for s in range(0, nt, step)
+        ])  # fmt: skip
+
+    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        return self._scores(text_feats, image_feats, pairwise=True)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
+        """Eqs. 21–23: identity (eq. 19) and one sum of hinges (eq. 20) per similarity of the stage."""
+        image, text = self.encode_images(batch), self.encode_texts(batch)
+        out: dict[str, Tensor] = {}
+        if "identity" in stage.losses:  # L_I + L_T with the shared W_s, b_s
+            labels = batch["label"]
+            out["identity"] = identity_loss(self.classifier(image["global"]), labels) + identity_loss(
+                self.classifier(text["global"]), labels
+            )
+        matching = [name for name in stage.losses if name in MATCHING]
+        comps = self.components(text, image, False, {MATCHING[name] for name in matching})
+        for name in matching:
+            out[name] = sum_of_hinges(comps[MATCHING[name]], batch["pid"], self.cfg.margin)
+        return out
+
+    # ---- explanation ------------------------------------------------------------------------------
+    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:
+        """For the first query and each image: the BFM weights of every noun phrase over the n stripes
+        (α, eq. 13: which phrase matched which part — Fig. 7b) and of every stripe over the phrases
+        (β, eq. 16); the RGA weights of the stripes given the sentence (v, eq. 6 — Fig. 7a) and of the
+        phrases given the image (c, eq. 9); and the five similarities. Only valid phrases are kept."""
+        text = index_features(text_feats, slice(0, 1))
+        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
+        image = {k: v.float() for k, v in image_feats.items()}
+        cfg = self.cfg
+        which = {"s_G", *("s_I", "s_T") * cfg.relation, *("s_P", "s_N") * cfg.fine}
+        with torch.no_grad():
+            comps = self.components(text, image, pairwise=False, which=which)
+        out: dict[str, Any] = {
+            "region_grid": (cfg.parts, 1),
+            "scores": {k: comps[k][0].numpy() for k in sorted(which)},  # each [ni]
+        }
+        if cfg.local:
+            valid = text["phrases_mask"][0]
+            if cfg.relation:
+                out["regions"] = comps["v"][0].numpy()  # [ni, n]
+                out["phrase_relation"] = comps["c"][0][:, valid].numpy()  # [ni, m]
+            if cfg.fine:
+                out["phrases"] = comps["alpha"][0][:, valid].numpy()  # [ni, m, n]
+                out["parts_to_phrases"] = comps["beta"][0][..., valid].numpy()  # [ni, n, m]
+        return out

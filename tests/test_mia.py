@@ -1,0 +1,376 @@
+"""MIA (pedcli/models/methods/mia.py): eqs. 6–18 on hand-made tensors, then the model on tiny widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from method_batch import TINY_INFO, repad, tiny_batch
+
+from pedcli.engine.stages import set_trainable
+from pedcli.errors import PedError
+from pedcli.models.methods import mia
+from pedcli.models.methods.base import Batch, Features, TrainConfig, create_method
+
+TINY = {"pretrained": "none", "embed_dim": 8, "hidden": 6, "word_dim": 5, "mlp_hidden": 7}
+N_PHRASES = (2, 1, 3, 0, 2, 1)  # caption 3 has no noun phrase
+CHANNELS = 1280  # MobileNetV2's last map
+
+
+def mia_batch(seed: int = 0) -> Batch:
+    """method_batch's 6 pairs plus noun-phrase spans inside each caption and a random cached trunk
+    (an untrained CNN's eval-mode maps are ~0, so images would all look alike)."""
+    batch = tiny_batch(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    spans = torch.full((6, 4, 2), -1)
+    for i, (n, length) in enumerate(zip(N_PHRASES, batch["lengths"].tolist(), strict=True)):
+        cuts = torch.linspace(0, length, n + 1).round().long()
+        spans[i, :n] = torch.stack([cuts[:-1], cuts[1:]], dim=1)
+    trunk = (torch.randn(6, CHANNELS, generator=g), torch.randn(6, 6, CHANNELS, generator=g))
+    return {**batch, "phrases": spans, "n_phrases": torch.tensor(N_PHRASES), "trunk": trunk}
+
+
+def make(**overrides):
+    torch.manual_seed(0)
+    return create_method("mia", TINY_INFO, {**TINY, **overrides})
+
+
+def features(model, batch: Batch | None = None) -> tuple[Features, Features]:
+    batch = mia_batch() if batch is None else batch
+    with torch.no_grad():
+        return model.encode_texts(batch), model.encode_images(batch)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make().eval()
+
+
+# ---- eqs. 6–17 on hand-made features ---------------------------------------------------------------
+def hand_features(seed: int = 0) -> tuple[Features, Features]:
+    """2 captions (3 and 1 valid phrases of 4 slots) × 3 images of 6 parts, width 5."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    phrases = r(2, 4, 5) * mask[..., None]
+    text = {"global": r(2, 5), "phrases": phrases, "phrases_mask": mask, "rga_phrases": r(2, 4, 5),
+            "bfm_phrases": r(2, 4, 5)}  # fmt: skip
+    image = {"global": r(3, 5), "parts": r(3, 6, 5), "rga_parts": r(3, 6, 5), "bfm_parts": r(3, 6, 5)}
+    return text, image
+
+
+def by_the_equations(text: Features, image: Features, t: int, i: int) -> dict[str, torch.Tensor]:
+    """One pair, literally as eqs. 6–17 read (aggregated vectors formed, phrases of caption t only)."""
+    cos = F.cosine_similarity
+    valid = text["phrases_mask"][t]
+    T, I, P = text["global"][t], image["global"][i], image["parts"][i]  # noqa: N806 (the paper's names)
+    N = text["phrases"][t][valid]  # noqa: N806
+    v = torch.softmax(cos(image["rga_parts"][i], T[None], dim=-1), 0)  # eq. 6
+    s_i = cos((v[:, None] * P).sum(0), T, dim=0)  # eqs. 7–8
+    c = torch.softmax(cos(text["rga_phrases"][t][valid], I[None], dim=-1), 0)  # eq. 9
+    s_t = cos((c[:, None] * N).sum(0), I, dim=0)  # eqs. 10–11
+    a = cos(text["bfm_phrases"][t][valid][:, None], image["bfm_parts"][i][None], dim=-1)  # [m, n]
+    alpha = torch.softmax(a, dim=1)  # eq. 13
+    s_p = cos(alpha @ P, N, dim=-1).mean()  # eqs. 12, 14
+    beta = torch.softmax(a.T, dim=1)  # eq. 16
+    s_n = cos(beta @ N, P, dim=-1).mean()  # eqs. 15, 17
+    return {"s_G": cos(T, I, dim=0), "s_I": s_i, "s_T": s_t, "s_P": s_p, "s_N": s_n, "v": v, "c": c,
+            "alpha": alpha, "beta": beta}  # fmt: skip
+
+
+ALL = {"s_G", "s_I", "s_T", "s_P", "s_N"}
+
+
+def test_batched_similarities_follow_eqs_4_to_17(model) -> None:
+    text, image = hand_features()
+    comps = model.components(text, image, pairwise=False, which=ALL)
+    for t in range(2):
+        m = int(text["phrases_mask"][t].sum())
+        for i in range(3):
+            ref = by_the_equations(text, image, t, i)
+            for name in ALL:
+                assert comps[name][t, i].item() == pytest.approx(ref[name].item(), abs=1e-5), (name, t, i)
+            assert torch.allclose(comps["v"][t, i], ref["v"], atol=1e-6)
+            assert torch.allclose(comps["c"][t, i, :m], ref["c"], atol=1e-6)
+            assert torch.allclose(comps["alpha"][t, i, :m], ref["alpha"], atol=1e-6)
+            assert torch.allclose(comps["beta"][t, i, :, :m], ref["beta"], atol=1e-6)
+
+
+def test_attention_weights_sum_to_one_over_the_right_axis(model) -> None:
+    text, image = hand_features(seed=1)
+    comps = model.components(text, image, pairwise=False, which=ALL)
+    mask = text["phrases_mask"][:, None, :]  # [nt, 1, M]
+    assert comps["v"].shape == (2, 3, 6)  # eq. 6: over the image parts
+    assert torch.allclose(comps["v"].sum(-1), torch.ones(2, 3))
+    assert comps["c"].shape == (2, 3, 4)  # eq. 9: over the caption's valid phrases
+    assert torch.allclose(comps["c"].sum(-1), torch.ones(2, 3))
+    assert (comps["c"] * ~mask).abs().max() == 0
+    assert comps["alpha"].shape == (2, 3, 4, 6)  # eq. 13: each phrase over the parts
+    assert torch.allclose(comps["alpha"].sum(-1), torch.ones(2, 3, 4))
+    assert comps["beta"].shape == (2, 3, 6, 4)  # eq. 16: each part over the valid phrases
+    assert torch.allclose(comps["beta"].sum(-1), torch.ones(2, 3, 6))
+    assert (comps["beta"] * ~mask[:, :, None, :]).abs().max() == 0
+
+
+def test_a_phrase_attends_most_to_the_part_it_names(model) -> None:
+    text, image = hand_features(seed=2)
+    text["bfm_phrases"][0, 1] = 3.0 * image["bfm_parts"][2, 4]  # phrase 1 of caption 0 ≈ part 4 of image 2
+    comps = model.components(text, image, pairwise=False, which={"s_P", "s_N"})
+    assert comps["alpha"][0, 2, 1].argmax() == 4
+    assert comps["beta"][0, 2, 4].argmax() == 1
+
+
+def test_a_caption_without_phrases_scores_zero_locally(model) -> None:
+    text, image = hand_features()
+    text["phrases_mask"][1] = False
+    comps = model.components(text, image, pairwise=False, which=ALL)
+    for name in ("s_T", "s_P", "s_N"):
+        assert torch.all(comps[name][1] == 0) and torch.isfinite(comps[name]).all(), name
+
+
+def test_fused_score_is_eq_18(model) -> None:
+    text, image = hand_features()
+    comps = model.components(text, image, pairwise=False, which=ALL)
+    s_r, s_l = (comps["s_I"] + comps["s_T"]) / 2, (comps["s_P"] + comps["s_N"]) / 2
+    assert torch.allclose(model.similarity(text, image), comps["s_G"] + 1.0 * s_r + 0.5 * s_l, atol=1e-6)
+    for overrides, expected in [
+        ({"lambda1": 2.0, "lambda2": 0.0}, comps["s_G"] + 2.0 * s_r),  # Table XI
+        ({"score": "global"}, comps["s_G"]),  # Table III "MIA (G)" / "(R)" / "(L)"
+        ({"score": "relation"}, s_r),
+        ({"score": "local"}, s_l),
+        ({"relation": False}, comps["s_G"] + 0.5 * s_l),  # a granularity not trained gets λ = 0
+        ({"global_contrast": False}, 1.0 * s_r + 0.5 * s_l),
+    ]:
+        assert torch.allclose(make(**overrides).similarity(text, image), expected, atol=1e-6), overrides
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+def test_feature_shapes_and_a_training_step_through_the_cnn() -> None:
+    m = make()
+    batch = {k: v for k, v in mia_batch().items() if k != "trunk"}  # through the backbone
+    _, step2, step3 = m.stages(TrainConfig())
+    out = m.losses(batch, step2)
+    assert set(out) == {"identity", "match_global", "match_i2t", "match_t2i"}
+    sum(out.values()).backward()
+    assert m.backbone.stages[0][0][0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.bfm.parameters())  # BFM waits for step 3
+    assert set(m.losses(batch, step3)) == {"match_p2n", "match_n2p"}
+    m.eval()
+    text, image = features(m, batch)
+    assert {k: tuple(v.shape) for k, v in text.items()} == {
+        "global": (6, 8), "phrases": (6, 4, 8), "phrases_mask": (6, 4), "rga_phrases": (6, 4, 8),
+        "bfm_phrases": (6, 4, 8),
+    }  # fmt: skip
+    assert {k: tuple(v.shape) for k, v in image.items()} == {
+        "global": (6, 8), "parts": (6, 6, 8), "rga_parts": (6, 6, 8), "bfm_parts": (6, 6, 8)
+    }
+    assert text["phrases_mask"].sum(1).tolist() == list(N_PHRASES)
+
+
+def test_noun_phrases_are_encoded_on_their_own(model) -> None:
+    batch = mia_batch()
+    changed = {**batch, "tokens": batch["tokens"].clone()}
+    changed["tokens"][0, 6] = 1 + changed["tokens"][0, 6] % 29  # caption 0: 7 words, phrases [0,4) [4,7)
+    a, _ = features(model, batch)
+    b, _ = features(model, changed)
+    assert torch.allclose(a["phrases"][0, 0], b["phrases"][0, 0])  # the first phrase does not see word 6
+    assert not torch.allclose(a["phrases"][0, 1], b["phrases"][0, 1])
+    assert not torch.allclose(a["global"][0], b["global"][0])
+    # the same phrase, alone, in another caption gives the same N_j: no context leaks in
+    other = {**batch, "tokens": batch["tokens"].clone()}
+    other["tokens"][1, :4] = batch["tokens"][0, :4]
+    other["phrases"] = batch["phrases"].clone()
+    other["phrases"][1, 0] = torch.tensor([0, 4])
+    c, _ = features(model, other)
+    assert torch.allclose(c["phrases"][1, 0], a["phrases"][0, 0], atol=1e-6)
+
+
+def test_word_units_encode_every_word() -> None:
+    m = make(units="words").eval()
+    text, _ = features(m)
+    assert text["phrases_mask"].sum(1).tolist() == mia_batch()["lengths"].tolist()  # Table VII
+
+
+def test_text_features_ignore_padding(model) -> None:
+    batch = mia_batch()
+    a, _ = features(model, batch)
+    b, _ = features(model, repad(batch, 12))
+    for key in ("global", "phrases", "bfm_phrases"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_encode_images_uses_the_cached_trunk() -> None:
+    m = make().eval()
+    batch = {k: v for k, v in mia_batch().items() if k != "trunk"}
+    with torch.no_grad():
+        direct = m.encode_images(batch)
+        cached = m.encode_images({"trunk": m.image_trunk(batch)})  # no image in the batch
+    for key in direct:
+        assert torch.allclose(direct[key], cached[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"relation": False}, {"fine": False}, {"units": "words"}, {"score": "local"}]
+)
+def test_pair_similarity_is_the_diagonal_of_similarity(overrides, monkeypatch) -> None:
+    m = make(**overrides).eval()
+    text, image = features(m)
+    sim = m.similarity(text, image)
+    assert sim.shape == (6, 6)
+    assert torch.allclose(m.pair_similarity(text, image), sim.diagonal(), atol=1e-5)
+    assert sim.std() > 1e-3  # images and captions are told apart
+    monkeypatch.setattr(mia, "SCORE_BUDGET", 1)  # one text per sub-chunk
+    assert torch.allclose(m.similarity(text, image), sim, atol=1e-5)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in image.items()}  # as `ped embed` stores
+    assert torch.allclose(m.similarity(text, half), sim, atol=5e-2)
+
+
+# ---- the step training strategy and the ablation switches ------------------------------------------------
+def learning(m, stage) -> set[str]:
+    return {name.split(".")[0] for name, _ in m.trainable_parameters(stage)}
+
+
+def test_three_step_schedule_of_the_paper() -> None:
+    m = make()
+    step1, step2, step3 = m.stages(TrainConfig())
+    assert [(s.name, s.epochs, s.lr, s.freeze_trunk) for s in (step1, step2, step3)] == [
+        ("step1", 10, 1e-3, True), ("step2", 20, 2e-4, False), ("step3", 5, 2e-4, True)
+    ]  # fmt: skip
+    assert step1.losses == ("identity",)  # eq. 21
+    assert step2.losses == ("identity", "match_global", "match_i2t", "match_t2i")  # eq. 22
+    assert step3.losses == ("match_p2n", "match_n2p")  # eq. 23
+    # step 1: the text path, the global visual FC and the classifier; the pretrained CNN stays fixed
+    assert learning(m, step1) == {"text", "sentence_fc", "image_fc", "classifier"}
+    # step 2: GC and RGA including the CNN, not the BFM MLPs
+    assert learning(m, step2) == {"backbone", "text", "sentence_fc", "image_fc", "classifier", "part_conv",
+                                  "phrase_fc", "rga"}  # fmt: skip
+    # step 3: only MLP-V-BFM and MLP-T-BFM
+    names = {name for name, _ in m.trainable_parameters(step3)}
+    assert names == {name for name, _ in m.named_parameters() if name.startswith("bfm.")}
+    assert {n.split(".")[1] for n in names} == {"part_mlp", "text_mlp"}
+    quick = m.stages(TrainConfig(epochs=1, lr=0.01))
+    assert all(s.epochs == 1 and s.lr == 0.01 for s in quick)
+
+
+def test_step3_gradients_reach_only_the_bfm_mlps() -> None:
+    m = make()
+    step3 = m.stages(TrainConfig())[2]
+    set_trainable(m, step3)
+    sum(m.losses(mia_batch(), step3).values()).backward()
+    grads = {name.split(".")[0] for name, p in m.named_parameters() if p.grad is not None}
+    assert grads == {"bfm"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "schedule"),
+    [
+        ({"schedule": "together"}, [  # Table IV "GC + RGA + BFM": BFM learns with everything in step 2
+            ("step1", ("identity",)),
+            ("step2", ("identity", "match_global", "match_i2t", "match_t2i", "match_p2n", "match_n2p")),
+        ]),
+        ({"merge_steps": True}, [  # Table VI: steps 1 and 2 in one stage
+            ("steps_1_2", ("identity", "match_global", "match_i2t", "match_t2i")),
+            ("step3", ("match_p2n", "match_n2p")),
+        ]),
+        ({"step1_objectives": "id+mat", "step2_objectives": "mat", "fine": False}, [  # Table V
+            ("step1", ("identity", "match_global", "match_i2t", "match_t2i")),
+            ("step2", ("match_global", "match_i2t", "match_t2i")),
+        ]),
+        ({"relation": False, "schedule": "together"}, [  # Table III "GC + BFM"
+            ("step1", ("identity",)), ("step2", ("identity", "match_global", "match_p2n", "match_n2p")),
+        ]),
+        ({"global_contrast": False, "relation": False, "schedule": "together"}, [  # Table IV "Fine"
+            ("step1", ("identity",)), ("step2", ("identity", "match_p2n", "match_n2p")),
+        ]),
+    ],
+)  # fmt: skip
+def test_schedule_switches(overrides, schedule) -> None:
+    m = make(**overrides)
+    stages = m.stages(TrainConfig())
+    assert [(s.name, s.losses) for s in stages] == schedule
+    for stage in stages:
+        if stage.name != "step3":
+            assert ("backbone" in learning(m, stage)) != stage.freeze_trunk
+
+
+def test_merged_steps_train_everything_at_the_step2_rate() -> None:
+    (merged, _) = make(merge_steps=True).stages(TrainConfig())
+    assert (merged.epochs, merged.lr, merged.freeze_trunk) == (30, 2e-4, False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "image_keys"),
+    [
+        ({}, {"parts", "rga_parts", "bfm_parts"}),
+        ({"relation": False, "fine": False}, set()),  # Table III "GC"
+        ({"fine": False}, {"parts", "rga_parts"}),  # "GC + RGA"
+        ({"relation": False}, {"parts", "bfm_parts"}),  # "GC + BFM"
+        ({"global_contrast": False, "relation": False}, {"parts", "bfm_parts"}),  # Table IV "Fine"
+        ({"units": "words"}, {"parts", "rga_parts", "bfm_parts"}),  # Table VII
+        ({"schedule": "together"}, {"parts", "rga_parts", "bfm_parts"}),  # Table IV
+        ({"merge_steps": True}, {"parts", "rga_parts", "bfm_parts"}),  # Table VI
+        ({"step1_objectives": "mat", "step2_objectives": "mat"}, {"parts", "rga_parts", "bfm_parts"}),
+        ({"lambda1": 1.5, "lambda2": 0.7, "score": "relation"}, {"parts", "rga_parts", "bfm_parts"}),
+    ],
+)
+def test_every_switch_builds_and_takes_a_training_step(overrides, image_keys) -> None:
+    m = make(**overrides)
+    batch = mia_batch()
+    for stage in m.stages(TrainConfig(epochs=1)):
+        set_trainable(m, stage)
+        before = [p.detach().clone() for _, p in m.trainable_parameters(stage)]
+        opt = torch.optim.Adam([p for _, p in m.trainable_parameters(stage)], lr=1e-2)
+        out = m.losses(batch, stage)
+        assert set(out) == set(stage.losses)
+        total = sum(out.values())
+        assert torch.isfinite(total)
+        total.backward()
+        opt.step()
+        after = [p for _, p in m.trainable_parameters(stage)]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)), stage.name
+    m.eval()
+    text, image = features(m, batch)
+    assert set(image) == {"global"} | image_keys
+    assert m.similarity(text, image).shape == (6, 6)
+
+
+def test_explain_gives_the_bfm_weights_of_each_phrase_over_the_parts(model) -> None:
+    text, image = features(model)
+    out = model.explain(text, image)
+    assert out["region_grid"] == (6, 1)
+    assert out["phrases"].shape == (6, N_PHRASES[0], 6)  # [images, valid phrases of query 0, parts]
+    assert out["phrases"].sum(-1) == pytest.approx(1.0, abs=1e-5)
+    assert out["parts_to_phrases"].shape == (6, 6, N_PHRASES[0])
+    assert out["regions"].shape == (6, 6) and out["phrase_relation"].shape == (6, N_PHRASES[0])
+    sim = model.similarity(text, image)[0]
+    s = out["scores"]
+    fused = s["s_G"] + (s["s_I"] + s["s_T"]) / 2 + 0.5 * (s["s_P"] + s["s_N"]) / 2
+    assert torch.allclose(torch.as_tensor(fused), sim, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"units": "characters"},
+        {"score": "best"},
+        {"schedule": "random"},
+        {"step1_objectives": "none"},
+        {"global_contrast": False, "relation": False, "fine": False},
+        {"relation": False, "score": "relation"},
+        {"parts": 0},
+        {"backbone": "alexnet"},
+        {"nonsense": 1},
+    ],
+)
+def test_bad_options_are_clear_errors(bad) -> None:
+    with pytest.raises(PedError):
+        make(**bad)
+
+
+def test_a_stage_without_losses_is_a_clear_error() -> None:
+    m = make(global_contrast=False, relation=False, step2_objectives="mat")  # "Fine" in three steps
+    with pytest.raises(PedError, match="step2"):
+        m.stages(TrainConfig())
