@@ -250,3 +250,45 @@ def evaluate_cmd(
     print_metrics(result, Console())
     if out is not None:
         console.print(f"wrote {write_metrics(out, result)}")
+
+
+@app.command()
+@friendly
+def query(
+    text: list[str] = typer.Argument(None, help='Query sentence(s), e.g. "a woman in a red shirt".'),
+    gallery: Path = typer.Option(..., "--gallery", help="Folder of images (searched recursively)."),
+    run: Path = typer.Option(..., "--run", help="Run folder from `ped train` (or a .pt checkpoint in it)."),
+    queries: Path | None = typer.Option(None, "--queries", help="Also read queries from a file, one a line."),
+    top: int = typer.Option(10, "--top", min=1, help="Matches to show per query."),
+    min_score: float | None = typer.Option(None, "--min-score", help="Drop matches scoring below this."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of tables."),
+    html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML page here."),
+    index: str = typer.Option("auto", "--index", help="Shortlist search: auto, flat (exact) or faiss."),
+    rerank_top: int = typer.Option(
+        1000, "--rerank-top", min=1, help="Score this many cosine-shortlisted images exactly per query."
+    ),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Feature cache (default GALLERY/.pedcli)."
+    ),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of the run: best or last."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder call."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
+) -> None:
+    """Rank the images of a folder by a sentence; features are cached, so later queries are fast."""
+    from pedcli.engine.query import query_gallery, read_queries
+    from pedcli.engine.report import dump_json, print_tables, write_html
+
+    sentences = list(text or []) + (read_queries(queries) if queries is not None else [])
+    report = query_gallery(
+        run, gallery, sentences, top=top, min_score=min_score, index=index, rerank_top=rerank_top,
+        cache_dir=cache_dir, checkpoint=checkpoint, batch_size=batch_size, device=device,
+        explain=html is not None, log=console.print,
+    )  # fmt: skip
+    for path, reason in report.skipped:
+        console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(dump_json(report))
+    else:
+        print_tables(report, Console())
+    if html is not None:
+        console.print(f"wrote {write_html(html, report)}")

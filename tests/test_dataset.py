@@ -15,8 +15,6 @@ from torch.utils.data import DataLoader
 
 from pedcli.data.dataset import (
     IGNORE_LABEL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CaptionDataset,
     IdentityBalancedSampler,
     ImageDataset,
@@ -26,6 +24,7 @@ from pedcli.data.dataset import (
     num_classes,
     split_pids,
 )
+from pedcli.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pedcli.data.schema import KEYPOINTS
 from pedcli.errors import PedError
 

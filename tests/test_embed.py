@@ -30,8 +30,8 @@ def method(tiny_cache: Path) -> ToyMethod:
 @pytest.fixture(scope="module")
 def stored(tiny_cache: Path, method: ToyMethod, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("emb") / "test.h5"
-    # batch size 3 splits captions into batches of different longest lengths: padding is exercised
-    return embed(method, tiny_cache, "test", out, batch_size=3, dtype="float32", progress=False)
+    # batches of 2 captions have different longest lengths (checked below): padding is exercised
+    return embed(method, tiny_cache, "test", out, batch_size=2, dtype="float32", progress=False)
 
 
 def whole_split(method: ToyMethod, cache: Path) -> tuple[dict, dict]:
@@ -44,13 +44,17 @@ def whole_split(method: ToyMethod, cache: Path) -> tuple[dict, dict]:
 
 def test_round_trip_features_and_ids(stored: Path, tiny_cache: Path, method: ToyMethod) -> None:
     text, image, emb = load_embeddings(stored)
+    lengths = [int(item["lengths"]) for item in TextDataset(tiny_cache, "test")]
+    assert len({max(lengths[i : i + 2]) for i in range(0, len(lengths), 2)}) > 1  # batches padded differently
     ref_text, ref_image = whole_split(method, tiny_cache)
     assert set(image) == {"global", "parts"} and set(text) == {"global", "words", "words_mask"}
     for key in image:
         assert torch.allclose(image[key], ref_image[key], atol=1e-6)
     for key in text:  # one batch pads to the split's longest caption, as the stored file does
-        assert torch.equal(text[key], ref_text[key]) if key.endswith("mask") else torch.allclose(
-            text[key], ref_text[key], atol=1e-6
+        assert (
+            torch.equal(text[key], ref_text[key])
+            if key.endswith("mask")
+            else torch.allclose(text[key], ref_text[key], atol=1e-6)
         )
     # identities and the caption → image link agree with the cache
     with h5py.File(part_path(tiny_cache, "images"), "r") as f:
@@ -115,6 +119,8 @@ def test_evaluate_on_stored_features(stored: Path, method: ToyMethod) -> None:
     console.print(metrics_table(two))
     shown = console.export_text()
     assert "t2i before re-ranking" in shown and "two-stage − exact" in shown
+    with pytest.raises(PedError, match="unknown re-ranking"):
+        evaluate(method, text, image, tp, ip, rerank="bogus")
 
 
 def make_run(root: Path, cache: Path, method: ToyMethod) -> Path:
@@ -140,8 +146,8 @@ def test_cli_embed_then_eval(tiny_cache: Path, method: ToyMethod, tmp_path: Path
     assert res.exit_code == 0, res.output
     assert load_embeddings(emb)[2].attrs["run"] == str(run.resolve())
     out = tmp_path / "metrics.json"
-    args = ["eval", "--run", str(run), "--embeddings", str(emb), "--rerank-top", "2", "--rerank", "kreciprocal"]
-    res = runner.invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    args = ["eval", "--run", str(run), "--embeddings", str(emb), "--out", str(out), "--device", "cpu"]
+    res = runner.invoke(app, [*args, "--rerank-top", "2", "--rerank", "kreciprocal"])
     assert res.exit_code == 0, res.output
     record = json.loads(out.read_text())
     assert record["rerank_top"] == 2 and record["rerank"]["name"] == "kreciprocal"
@@ -150,5 +156,5 @@ def test_cli_embed_then_eval(tiny_cache: Path, method: ToyMethod, tmp_path: Path
     res = runner.invoke(app, ["eval", "--run", str(run), "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["t2i"] == pytest.approx(record["exact"]["t2i"], abs=1e-3)
-    bad = runner.invoke(app, ["eval", "--run", str(run), "--embeddings", str(emb), "--cache", str(tiny_cache)])
+    bad = runner.invoke(app, [*args, "--cache", str(tiny_cache)])
     assert bad.exit_code == 2 and "either --cache or --embeddings" in bad.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pedcli.engine.metrics import bidirectional_metrics, rank_order, retrieval_metrics
+from pedcli.engine.metrics import bidirectional_metrics, rank_order, retrieval_metrics, top_k_order
 from pedcli.errors import PedError
 
 # 3 text queries × 5 gallery images. Worked by hand (ranks are 1-based; ties keep gallery order):
@@ -81,6 +81,14 @@ def test_chunked_equals_unchunked_and_reference() -> None:
         assert retrieval_metrics(sim, qp, gp, ks=(1, 5), chunk=chunk) == pytest.approx(whole)
     r5, ap, inp = _reference(sim, qp, gp, 5)
     assert (whole["R@5"], whole["mAP"], whole["mINP"]) == pytest.approx((r5, ap, inp))
+
+
+def test_top_k_order_is_the_head_of_the_full_order() -> None:
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 4, (50, 12), generator=g).float()  # ties everywhere, also at the cut
+    scores[:10] = torch.randn(10, 12, generator=g)  # and rows without ties
+    for k in (1, 3, 12, 20):
+        assert torch.equal(top_k_order(scores, k), rank_order(scores)[:, :k])
 
 
 def test_k_beyond_gallery_is_clamped() -> None:

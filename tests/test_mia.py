@@ -13,7 +13,7 @@ from pedcli.models.methods import mia
 from pedcli.models.methods.base import Batch, Features, TrainConfig, create_method
 
 TINY = {"pretrained": "none", "embed_dim": 8, "hidden": 6, "word_dim": 5, "mlp_hidden": 7}
-N_PHRASES = (2, 1, 3, 0, 2, 1)  # caption 3 has no noun phrase
+N_PHRASES = (2, 1, 2, 0, 3, 1)  # caption 3 has no noun phrase
 CHANNELS = 1280  # MobileNetV2's last map
 
 

@@ -91,7 +91,8 @@ def test_ca_score_sums_the_cosines_of_the_kept_regions(model) -> None:
 def test_fa_score_follows_eqs_10_to_13(model) -> None:
     text, image = features(model)
     t, i = 4, 5  # caption 4 has three phrases
-    phrases = text["phrases"][t][text["phrases_mask"][t]]
+    valid = text["phrases_mask"][t]
+    phrases = text["phrases"][t][valid] * text["phrase_norms"][t][valid, None]  # stored as unit + norm
     total = 0.0
     for k in range(len(PARTS)):
         alpha = torch.softmax(F.cosine_similarity(image["parts"][i, k][None], phrases, dim=1), 0)  # eq. 11
@@ -110,7 +111,7 @@ def test_fa_image_side_attends_over_the_regions_by_pose_part(model) -> None:
         regions = model.fa_region_fc(grid.flatten(2).transpose(1, 2))
         fa_parts = model.encode_images(batch)["fa_parts"]
     alpha = torch.softmax(F.cosine_similarity(parts[1, 3][None], regions[1], dim=1), 0)
-    assert torch.allclose(fa_parts[1, 3], (alpha[:, None] * regions[1]).sum(0), atol=1e-5)
+    assert torch.allclose(fa_parts[1, 3], F.normalize((alpha[:, None] * regions[1]).sum(0), dim=0), atol=1e-5)
 
 
 def test_fa_without_pose_lets_each_phrase_attend_over_the_regions() -> None:
@@ -118,9 +119,10 @@ def test_fa_without_pose_lets_each_phrase_attend_over_the_regions() -> None:
     text, image = features(m)
     t, i = 0, 1
     cosines = []
+    regions = image["fa_regions"][i] * image["fa_region_norms"][i, :, None]
     for e in text["phrases"][t][text["phrases_mask"][t]]:
-        beta = torch.softmax(F.cosine_similarity(e[None], image["fa_regions"][i], dim=1), 0)
-        cosines.append(F.cosine_similarity(e, (beta[:, None] * image["fa_regions"][i]).sum(0), dim=0).item())
+        beta = torch.softmax(F.cosine_similarity(e[None], regions, dim=1), 0)
+        cosines.append(F.cosine_similarity(e, (beta[:, None] * regions).sum(0), dim=0).item())
     fa = m._fine_no_pose(text, image, pairwise=False)[0]
     assert len(cosines) == 2 and fa[t, i].item() == pytest.approx(sum(cosines) / 2, abs=1e-5)
 
@@ -153,7 +155,9 @@ def test_feature_shapes_and_schedule(model) -> None:
     assert {k: tuple(v.shape) for k, v in image.items()} == {
         "global": (6, 8), "regions": (6, 24, 8), "parts": (6, 6, 8), "fa_parts": (6, 6, 8)}  # fmt: skip
     assert {k: tuple(v.shape) for k, v in text.items()} == {
-        "global": (6, 8), "phrases": (6, 3, 8), "phrases_mask": (6, 3)}  # fmt: skip
+        "global": (6, 8), "phrases": (6, 3, 8), "phrase_norms": (6, 3), "phrases_mask": (6, 3)}  # fmt: skip
+    for unit in (image["regions"], image["parts"], image["fa_parts"], text["phrases"][text["phrases_mask"]]):
+        assert torch.allclose(unit.norm(dim=-1), torch.ones(()), atol=1e-5)  # cosines need no normalising
     assert text["phrases_mask"].sum(1).tolist() == list(N_PHRASES)
     assert model.backbone.stages[0][0][0].in_channels == 17  # image + 14 pose maps
     frozen, full = model.stages(TrainConfig())
@@ -162,21 +166,18 @@ def test_feature_shapes_and_schedule(model) -> None:
     assert "backbone" not in learning and {"pose_cnn", "text", "region_proj"} <= learning
 
 
-SWITCHES = [  # (overrides, losses, image feature keys)
-    ({}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"}, {"regions", "parts", "fa_parts"}),
-    ({"pose_concat": False}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
-     {"regions", "parts", "fa_parts"}),  # Table 3
+ALL = {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"}
+POSE_FA = {"regions", "parts", "fa_parts"}
+SWITCHES = [  # (overrides, losses, image feature keys besides "global")
+    ({}, ALL, POSE_FA),
+    ({"pose_concat": False}, ALL, POSE_FA),  # Table 3
     ({"coarse": False}, {"global_ranking", "global_identity", "fa_ranking", "fa_identity", "part"},
      {"parts", "fa_parts"}),  # Table 3
     ({"fine": False}, {"ca_ranking", "ca_identity"}, {"regions"}),  # Table 3
-    ({"ca_attention": "soft"}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
-     {"regions", "parts", "fa_parts"}),  # Table 4
-    ({"ca_attention": "top_m", "ca_top_m": 5}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
-     {"regions", "parts", "fa_parts"}),  # Table 4
-    ({"fa_pose": False}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity"},
-     {"regions", "fa_regions"}),  # Table 5
-    ({"fa_units": "words"}, {"ca_ranking", "ca_identity", "fa_ranking", "fa_identity", "part"},
-     {"regions", "parts", "fa_parts"}),  # Table 5
+    ({"ca_attention": "soft"}, ALL, POSE_FA),  # Table 4
+    ({"ca_attention": "top_m", "ca_top_m": 5}, ALL, POSE_FA),  # Table 4
+    ({"fa_pose": False}, ALL - {"part"}, {"regions", "fa_regions", "fa_region_norms"}),  # Table 5
+    ({"fa_units": "words"}, ALL, POSE_FA),  # Table 5
 ]  # fmt: skip
 
 
@@ -215,8 +216,9 @@ def test_the_second_step_trains_the_cnn_through_both_branches() -> None:
     assert m.pose_cnn.fc.weight.grad.abs().sum() > 0  # the pose CNN learns from FA's ranking loss
 
 
-@pytest.mark.parametrize("overrides", [{}, {"fa_pose": False}, {"fa_units": "words"}, {"coarse": False},
-                                       {"ca_attention": "top_m"}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"fa_pose": False}, {"fa_units": "words"}, {"coarse": False}, {"ca_attention": "top_m"}]
+)
 def test_pair_similarity_is_the_diagonal_of_similarity(overrides, monkeypatch) -> None:
     m = make(**overrides).eval()
     text, image = features(m)
@@ -255,7 +257,7 @@ def test_pose_is_needed_only_by_the_switches_that_read_it() -> None:
         make().encode_images(batch)
     m = make(pose_concat=False, fa_pose=False).eval()
     assert m.backbone.stages[0][0][0].in_channels == 3
-    assert set(m.encode_images(batch)) == {"global", "regions", "fa_regions"}
+    assert set(m.encode_images(batch)) == {"global", "regions", "fa_regions", "fa_region_norms"}
 
 
 def test_explain_shows_the_kept_regions_and_the_phrase_weights(model) -> None:
@@ -267,11 +269,21 @@ def test_explain_shows_the_kept_regions_and_the_phrase_weights(model) -> None:
     assert out["phrases"].shape == (6, 6, 3)  # images × parts × the caption's three phrases
     assert out["phrases"].sum(-1) == pytest.approx(1.0, abs=1e-5)
     ca = model._coarse(text, image, pairwise=False)[0][4]
-    assert torch.allclose(torch.from_numpy((out["region_similarity"] * out["selected"]).sum(1)), ca, atol=1e-5)
+    kept_sum = torch.from_numpy((out["region_similarity"] * out["selected"]).sum(1))
+    assert torch.allclose(kept_sum, ca, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [{"ca_attention": "max"}, {"fa_units": "chars"}, {"pose_widths": [4, 4]},
-                                 {"ca_top_m": 25}, {"backbone": "vit"}, {"nonsense": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ca_attention": "max"},
+        {"fa_units": "chars"},
+        {"pose_widths": [4, 4]},
+        {"ca_top_m": 25},
+        {"backbone": "vit"},
+        {"nonsense": 1},
+    ],
+)
 def test_bad_options_are_clear_errors(bad) -> None:
     with pytest.raises(PedError):
         make(**bad)

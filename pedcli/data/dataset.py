@@ -22,13 +22,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pedcli.data.cache import CacheInfo, load_cache_info, part_path
+from pedcli.data.images import normalize_image
 from pedcli.data.schema import SPLIT_CODE, SPLITS
 from pedcli.errors import PedError
 from pedcli.models.methods.base import DataInfo
 from pedcli.pose.keypoints import FLIP_PERMUTATION
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: no identity label outside train
 
 Item = dict[str, Any]
@@ -130,9 +129,8 @@ class _CacheSplit(Dataset):
         img = self._images["images"][row]
         if flip:
             img = img[:, ::-1]
-        img = (img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         item: Item = {
-            "image": np.ascontiguousarray(img.transpose(2, 0, 1)),
+            "image": normalize_image(img),
             "image_index": row,
             "flip": flip,
             "pid": self.image_pid[row],

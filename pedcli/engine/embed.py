@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from pedcli import __version__
 from pedcli.data.cache import part_path
-from pedcli.data.dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, TextDataset, collate
+from pedcli.data.dataset import ImageDataset, TextDataset, collate
+from pedcli.data.images import load_rgb, normalize_image, resize_rgb
 from pedcli.engine.batching import move_batch
 from pedcli.engine.distributed import resolve_device
-from pedcli.engine.preprocess import _load_rgb as load_rgb  # TODO(lead): make these two public
-from pedcli.engine.preprocess import _resize as resize_rgb
 from pedcli.engine.runs import load_run, resolve_checkpoint
 from pedcli.errors import PedError
 from pedcli.fileio import atomic_path, sha256_file
@@ -53,7 +52,7 @@ class Embeddings:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+def stack_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate batch outputs along dim 0, zero-padding any other dim that varies between batches
     (e.g. words padded to each batch's longest caption; their `*_mask` pads with 0 = absent alike)."""
     shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
@@ -83,7 +82,7 @@ def encode_batches(
             out.setdefault(key, []).append(value.detach().cpu())
     if "global" not in out:
         raise PedError(f"the method's {desc} features have no 'global' entry", "fix the method's encoder")
-    return {key: _stack(parts) for key, parts in out.items()}
+    return {key: stack_padded(parts) for key, parts in out.items()}
 
 
 def encode_split(
@@ -130,8 +129,7 @@ def image_batch(images: Sequence[str | Path | np.ndarray], size: tuple[int, int]
         rgb = load_rgb(Path(img)) if isinstance(img, (str, Path)) else np.asarray(img, dtype=np.uint8)
         if rgb.shape[:2] != tuple(size):
             rgb = resize_rgb(rgb, size)
-        # TODO(lead): ImageDataset's normalisation, to be imported once dataset.py exposes it as a function
-        arrays.append(((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1))
+        arrays.append(normalize_image(rgb))
     n = len(arrays)
     return {
         "image": torch.from_numpy(np.stack(arrays)),

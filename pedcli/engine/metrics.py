@@ -10,6 +10,10 @@ Definitions, per query, over the gallery ranked by descending score (all in perc
 Ties: the order is a *stable* sort by descending score, so equal scores keep gallery order (lower gallery
 index first). This makes every metric deterministic and reproducible across chunk sizes; a method that
 outputs constant scores therefore gets the metrics of the gallery's own order, not a lucky guess.
+
+No sort is needed for the metrics: under that order the rank of gallery item j is 1 + the number of
+items that beat it (higher score, or equal score and lower index), and only the ranks of the positives
+matter. Counting is O(positives × gallery) per query and vectorises, where sorting every row costs more.
 """
 
 from __future__ import annotations
@@ -30,12 +34,25 @@ def rank_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
+def top_k_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`rank_order(scores)[:, :k]`, via topk: only rows with a tie at the k-th place get a full sort."""
+    k = min(k, scores.shape[1])
+    idx = scores.topk(k, dim=1).indices.sort(1).values  # the k best, by gallery index
+    order = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True).indices
+    out = idx.gather(1, order)
+    kth = scores.gather(1, out[:, -1:])
+    ambiguous = (scores >= kth).sum(1) > k  # which of the tied items made the cut is not defined by topk
+    if bool(ambiguous.any()):
+        out[ambiguous] = rank_order(scores[ambiguous])[:, :k]
+    return out
+
+
 def _chunk_sums(
     sim: torch.Tensor, query_pids: torch.Tensor, gallery_pids: torch.Tensor, ks: Sequence[int]
 ) -> torch.Tensor:
     """Per-query [hit@k for k in ks..., AP, INP] for one chunk of queries (values in 0..1)."""
-    order = rank_order(sim)
-    matches = gallery_pids[order] == query_pids[:, None]  # [c, ng], by rank
+    c, ng = sim.shape
+    matches = gallery_pids[None, :] == query_pids[:, None]  # [c, ng], gallery order
     n_pos = matches.sum(1)
     if bool((n_pos == 0).any()):
         missing = query_pids[n_pos == 0].unique()[:5].tolist()
@@ -43,13 +60,30 @@ def _chunk_sums(
             f"{int((n_pos == 0).sum())} queries have no match in the gallery (person ids {missing}...)",
             "evaluate on a split where every query's person appears in the gallery",
         )
-    cum = matches.cumsum(1)
-    ranks = torch.arange(1, sim.shape[1] + 1, dtype=torch.float64)
-    ap = ((cum / ranks) * matches).sum(1) / n_pos
-    last = (matches * ranks).amax(1)  # 1-based rank of the last positive
-    inp = n_pos / last
-    hits = [cum[:, min(k, sim.shape[1]) - 1] > 0 for k in ks]
-    return torch.stack([*(h.double() for h in hits), ap, inp], 1)
+    rows, cols = matches.nonzero(as_tuple=True)  # every (query, positive) pair, grouped by query
+    rank = torch.empty(rows.numel(), dtype=torch.long)
+    step = max(1, CHUNK_ELEMENTS // ng)
+    for s in range(0, rows.numel(), step):
+        r, j = rows[s : s + step], cols[s : s + step]
+        scores = sim.index_select(0, r)  # [p, ng]
+        own = scores.gather(1, j[:, None])
+        higher = torch.count_nonzero(scores > own, dim=1)
+        tied = torch.count_nonzero(scores == own, dim=1) > 1  # rare with real scores: fix only those
+        if bool(tied.any()):
+            t = tied.nonzero().squeeze(1)
+            earlier = torch.arange(ng) < j[t, None]
+            higher[t] += torch.count_nonzero((scores[t] == own[t]) & earlier, dim=1)
+        rank[s : s + step] = higher + 1  # 1-based rank of this positive
+    # the nth positive of its query (ranks are distinct within a query): order pairs by (query, rank)
+    order = torch.argsort(rows * (ng + 1) + rank)
+    start = torch.cumsum(n_pos, 0) - n_pos
+    nth = torch.empty_like(rank)
+    nth[order] = torch.arange(rows.numel()) - start[rows[order]] + 1
+    ap = torch.zeros(c, dtype=torch.float64).index_add_(0, rows, nth / rank.double())
+    first = torch.full((c,), ng + 1, dtype=torch.long).scatter_reduce_(0, rows, rank, "amin")
+    last = torch.zeros(c, dtype=torch.long).scatter_reduce_(0, rows, rank, "amax")
+    hits = [(first <= k).double() for k in ks]
+    return torch.stack([*hits, ap / n_pos, n_pos / last.double()], 1)
 
 
 def retrieval_metrics(

@@ -30,6 +30,7 @@ from rich.table import Table
 from pedcli import __version__
 from pedcli.data.cache import CACHE_FORMAT, META, CacheInfo, load_cache_info, part_path
 from pedcli.data.formats import annotation_path, load_records, validate_records
+from pedcli.data.images import load_rgb, resize_rgb
 from pedcli.data.schema import SPLIT_CODE, SPLITS, Record
 from pedcli.errors import PedError
 from pedcli.fileio import atomic_path, sha256_bytes, sha256_file, write_json_atomic
@@ -81,16 +82,6 @@ def parse_size(text: str) -> tuple[int, int]:
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-
-
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -99,9 +90,9 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 def _images_shard(root: Path, records: Sequence[Record], size: tuple[int, int], out: Path) -> Path:
     images, orig, kps = [], [], []
     for rec in records:
-        rgb = _load_rgb(root / rec.path)
+        rgb = load_rgb(root / rec.path)
         h0, w0 = rgb.shape[:2]
-        images.append(_resize(rgb, size))
+        images.append(resize_rgb(rgb, size))
         orig.append((h0, w0))
         kp = np.full((14, 3), np.nan, np.float32)
         if rec.keypoints is not None:
@@ -136,7 +127,7 @@ def _pose_shard(
                 from pedcli.pose.blazepose import BlazePose
 
                 backend = _WORKER_STATE["blazepose"] = BlazePose(map_hw=map_hw)
-            est = backend.estimate(_load_rgb(root / rec.path))
+            est = backend.estimate(load_rgb(root / rec.path))
             maps.append(est.maps)
             scores.append(est.score)
     _save_npz(out, maps=np.stack(maps).astype(np.float16), score=np.asarray(scores, np.float32))

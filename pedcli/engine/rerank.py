@@ -17,18 +17,53 @@ import torch
 
 from pedcli.engine.scoring import cosine_matrix, shortlist
 
-# Elements of the [chunk, neighbours, n_gallery] gathers per chunk (~16 M: tens of MB).
+# Elements of the per-chunk gathers ([rows, neighbours, list length] or [rows, n_gallery]): ~16 M, tens of MB.
 GATHER_ELEMENTS = 1 << 24
+
+# Sets of gallery images are kept in two forms: dense bool masks [rows, n] and, for the sums over
+# set members, padded lists (indices [rows, m], values [rows, m], value 0 = padding), so a sum over
+# members costs rows × members instead of rows × gallery size.
 
 
 def _rows_per_chunk(per_row: int) -> int:
     return max(1, GATHER_ELEMENTS // max(1, per_row))
 
 
-def index_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool [rows, n] with True at each row's indices `idx` [rows, k]: a set per row."""
+def index_mask(idx: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [rows, n], True at each row's indices `idx` [rows, k] (only where `valid`): a set per row."""
     mask = torch.zeros(idx.shape[0], n, dtype=torch.bool)
-    return mask.scatter_(1, idx, True)
+    if valid is None:
+        return mask.scatter_(1, idx, True)
+    rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+    mask[rows[valid], idx[valid]] = True
+    return mask
+
+
+def _lists(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise non-zeros of `weights` [n, n'] as padded lists (indices [n, m], values [n, m])."""
+    m = max(1, int((weights > 0).sum(1).max()))
+    values, idx = weights.topk(m, dim=1)
+    return idx, values
+
+
+def _min_overlap(
+    q_idx: torch.Tensor, q_val: torch.Tensor, columns: tuple[torch.Tensor, torch.Tensor], n: int
+) -> torch.Tensor:
+    """[rows, n]: Σ_j min(q[j], W[g, j]) for every gallery image g, with the query's weights as lists
+    (q_idx, q_val [rows, a]) and `columns` = the lists of W's columns (column j: the g with W[g, j] > 0).
+    With 0/1 weights this is the size of the intersection of the query's set with each image's set."""
+    col_idx, col_val = columns
+    rows, a = q_idx.shape
+    m = col_idx.shape[1]
+    out = torch.zeros(rows, n)
+    step = _rows_per_chunk(a * m)
+    for s in range(0, rows, step):
+        flat = q_idx[s : s + step].reshape(-1)
+        c = flat.numel() // a
+        g = col_idx.index_select(0, flat).view(c, a * m)
+        w = col_val.index_select(0, flat).view(c, a, m)
+        out[s : s + c].scatter_add_(1, g, torch.minimum(q_val[s : s + step, :, None], w).view(c, a * m))
+    return out
 
 
 @torch.inference_mode()
@@ -51,37 +86,47 @@ def rvn(
     ni = image_global.shape[0]
     l = min(neighbours, ni)  # noqa: E741  (the paper's name)
     image_nn = shortlist(image_global, image_global, l)  # [ni, l]
-    text_nn = shortlist(text_global, image_global, l)  # [nt, l]
-    out = torch.empty_like(sim, dtype=torch.float32)
-    step = _rows_per_chunk(ni * l)
-    for s in range(0, sim.shape[0], step):
-        text_set = index_mask(text_nn[s : s + step], ni)  # [c, ni]
-        # |N_t2i(T) ∩ N_i2i(I)| for every image I: count I's neighbours that are in T's set.
-        inter = text_set[:, image_nn].sum(2).float()  # [c, ni, l] → [c, ni]
-        jaccard = inter / (2 * l - inter)
-        out[s : s + step] = (1 - weight) * sim[s : s + step].float() + weight * jaccard
-    return out
+    # column j of the membership matrix: the images whose neighbour set contains image j
+    columns = _lists(index_mask(image_nn, ni).T.float())
+    text_nn = shortlist(text_global, image_global, l)  # [nt, l], image indices like image_nn
+    inter = _min_overlap(text_nn, torch.ones(text_nn.shape), columns, ni)  # |N_t2i(T) ∩ N_i2i(I)|
+    return (1 - weight) * sim.float() + weight * inter / (2 * l - inter)
 
 
-def _reciprocal_expand(
-    candidates: torch.Tensor, reciprocal: torch.Tensor, half_sets: torch.Tensor
+def _reciprocal(nn: torch.Tensor, k: int) -> torch.Tensor:
+    """valid [n, k]: nn[g, m] is a k-reciprocal neighbour of g, i.e. g is among nn[nn[g, m], :k]."""
+    own = torch.arange(nn.shape[0])[:, None, None]
+    return (nn[nn[:, :k], :k] == own).any(-1)
+
+
+def _expand(
+    cand: torch.Tensor, in_r: torch.Tensor, half: tuple[torch.Tensor, torch.Tensor], n: int
 ) -> torch.Tensor:
-    """Zhong et al. §3.3 expansion: R* = R ∪ R(c, k/2) for each c ∈ R sharing > 2/3 of R(c, k/2) with R.
+    """Zhong et al. eq. 7: R* = R ∪ R(c, k/2) for every c ∈ R that shares more than 2/3 of R(c, k/2) with R.
 
-    candidates [rows, k] gallery indices (the k-nearest list R was cut from), reciprocal bool [rows, n]
-    (the sets R), half_sets bool [n, n] (row c = R(c, k/2) among gallery images).
+    cand [rows, k] the k-nearest list, in_r [rows, k] which of them form R; half = (indices, valid) of
+    every gallery image's R(·, k/2). Returns R* as a bool mask [rows, n].
     """
-    cand_half = half_sets[candidates]  # [rows, k, n]
-    in_r = reciprocal.gather(1, candidates)  # candidate is itself in R
-    overlap = (cand_half & reciprocal[:, None, :]).sum(2)
-    keep = in_r & (overlap * 3 > 2 * cand_half.sum(2))
-    return reciprocal | (cand_half & keep[:, :, None]).any(1)
+    r = index_mask(cand, n, in_r)
+    h_idx, h_valid = half[0][cand], half[1][cand]  # [rows, k, h]
+    overlap = (r.gather(1, h_idx.flatten(1)).view_as(h_idx) & h_valid).sum(2)
+    keep = in_r & (3 * overlap > 2 * h_valid.sum(2))
+    add = h_valid & keep[:, :, None]
+    rows = torch.arange(cand.shape[0])[:, None, None].expand_as(h_idx)
+    r[rows[add], h_idx[add]] = True
+    return r
 
 
 def _kernel_weights(sets: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Zhong's V: exp(−distance) on the set (distance = 1 − cos), 0 elsewhere, rows normalised to sum 1."""
+    """Zhong's V (eq. 8): exp(−distance) on the set (distance = 1 − cos), 0 elsewhere, rows sum to 1."""
     v = torch.where(sets, torch.exp(cos - 1), torch.zeros((), dtype=cos.dtype))
     return v / v.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _mean_rows(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[rows, n]: the mean of v's rows idx[r, :] for every r (local query expansion, eq. 11)."""
+    rows, k = idx.shape
+    return v.index_select(0, idx.reshape(-1)).view(rows, k, -1).mean(1)
 
 
 @torch.inference_mode()
@@ -101,53 +146,39 @@ def kreciprocal(
     - a text T's k-reciprocal set is R(T, k1) = {I ∈ N_t2i(T, k1) : T ∈ N_i2t(I, k1)}, the reciprocity
       checked in the cross-modal ranking (I's k1 nearest *texts*), never by mixing text→image and
       image→image cosines, which live on different scales; then the same expansion and weights, and
-      query expansion over T's k2 − 1 nearest images;
+      query expansion with T's k2 − 1 nearest images;
     - Jaccard distance d_J (eq. 10) between V_T and V_I, and the final order by
       λ·S − (1 − λ)·d_J (eq. 12 with the original distance replaced by the score S = `sim`).
     """
     ni = image_global.shape[0]
-    k1 = min(k1, ni - 1) if ni > 1 else 1
-    half = max(1, round(k1 / 2))
+    k1 = max(1, min(k1, ni - 1))
+    h = min(k1, round(k1 / 2)) + 1  # R(·, k1/2) over the k1/2 nearest plus the image itself, as Zhong
     img_cos = cosine_matrix(image_global, image_global)
-    text_cos = cosine_matrix(text_global, image_global)  # [nt, ni]
-
-    image_nn = shortlist(image_global, image_global, k1 + 1)  # incl. itself, as Zhong
-    near = index_mask(image_nn, ni)
-    reciprocal = near & near.T
-    near_half = index_mask(image_nn[:, : half + 1], ni)
-    half_sets = near_half & near_half.T
-    image_sets = torch.empty_like(reciprocal)
-    step = _rows_per_chunk((k1 + 1) * ni)
-    for s in range(0, ni, step):
-        rows = slice(s, s + step)
-        image_sets[rows] = _reciprocal_expand(image_nn[rows], reciprocal[rows], half_sets)
+    image_nn = shortlist(image_global, image_global, k1 + 1)  # incl. itself
+    half = (image_nn[:, :h], _reciprocal(image_nn, h))
+    image_sets = _expand(image_nn, _reciprocal(image_nn, k1 + 1), half, ni)
     v_image = _kernel_weights(image_sets, img_cos)
-    v_image = v_image[image_nn[:, :k2]].mean(1)  # local query expansion (eq. 11)
+    del img_cos, image_sets
+    step = _rows_per_chunk(k2 * ni)
+    v_image_qe = torch.cat([_mean_rows(v_image, image_nn[s : s + step, :k2]) for s in range(0, ni, step)])
+    columns = _lists(v_image_qe.T.contiguous())
+    image_mass = v_image_qe.sum(1)
 
+    text_cos = cosine_matrix(text_global, image_global)  # [nt, ni]
     text_nn = shortlist(text_global, image_global, k1)  # [nt, k1]
     kth_text = text_cos.topk(min(k1, text_cos.shape[0]), dim=0).values[-1]  # [ni]: I's k1-th best text
-    out = torch.empty_like(sim, dtype=torch.float32)
-    step = _rows_per_chunk(k1 * ni)
+    out = torch.empty(sim.shape, dtype=torch.float32)
+    step = _rows_per_chunk(max(k1, k2) * ni)
     for s in range(0, sim.shape[0], step):
-        cos = text_cos[s : s + step]
-        near_t = index_mask(text_nn[s : s + step], ni)
-        text_sets = _reciprocal_expand(text_nn[s : s + step], near_t & (cos >= kth_text), half_sets)
-        v_text = _kernel_weights(text_sets, cos)
-        v_text = (v_text + v_image[text_nn[s : s + step, : k2 - 1]].sum(1)) / k2
-        out[s : s + step] = lam * sim[s : s + step].float() - (1 - lam) * _jaccard_distance(v_text, v_image)
-    return out
-
-
-def _jaccard_distance(v_query: torch.Tensor, v_gallery: torch.Tensor) -> torch.Tensor:
-    """Zhong eq. 10: 1 − Σ min(V_q, V_g) / Σ max(V_q, V_g), gathering only the query's non-zero entries."""
-    nnz = int((v_query > 0).sum(1).max())
-    print("nnz", nnz)
-    out = torch.empty(v_query.shape[0], v_gallery.shape[0])
-    step = _rows_per_chunk(nnz * v_gallery.shape[0])
-    g_t = v_gallery.T.contiguous()  # [n, ni]: row j = every image's weight on image j (rows gathered)
-    for s in range(0, v_query.shape[0], step):
-        vals, idx = v_query[s : s + step].topk(nnz, dim=1)  # zero entries contribute min(0, ·) = 0
-        mins = torch.minimum(vals[:, :, None], g_t[idx]).sum(1)  # [c, ni]
-        maxs = v_query[s : s + step].sum(1, keepdim=True) + v_gallery.sum(1) - mins
-        out[s : s + step] = 1 - mins / maxs.clamp_min(1e-12)
+        rows = slice(s, s + step)
+        cand, cos = text_nn[rows], text_cos[rows]
+        sets = _expand(cand, cos.gather(1, cand) >= kth_text[cand], half, ni)
+        v_text = _kernel_weights(sets, cos)
+        q = min(k2 - 1, k1)
+        if q > 0:
+            v_text = (v_text + q * _mean_rows(v_image, cand[:, :q])) / (q + 1)
+        vals, idx = v_text.topk(max(1, int((v_text > 0).sum(1).max())), dim=1)
+        mins = _min_overlap(idx, vals, columns, ni)
+        d_j = 1 - mins / (v_text.sum(1, keepdim=True) + image_mass - mins).clamp_min(1e-12)
+        out[rows] = lam * sim[rows].float() - (1 - lam) * d_j
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pedcli.engine.metrics import rank_order
+from pedcli.engine.metrics import top_k_order
 from pedcli.errors import PedError
 from pedcli.models.methods.base import Features, Method, index_features
 
@@ -59,7 +59,7 @@ def shortlist(
     """Indices [n_query, k] of each query's k most cosine-similar gallery items (ties: lower index first)."""
     k = min(k, gallery_global.shape[0])
     rows = [
-        rank_order(cosine_matrix(query_global[s : s + chunk], gallery_global))[:, :k]
+        top_k_order(cosine_matrix(query_global[s : s + chunk], gallery_global), k)
         for s in range(0, query_global.shape[0], chunk)
     ]
     return torch.cat(rows) if rows else torch.empty(0, k, dtype=torch.long)
@@ -87,7 +87,8 @@ def two_stage_scores(
         raise PedError(f"the shortlist size must be at least 1, not {k}", "pass --rerank-top 100 or so")
     q_feats, g_feats = (text_feats, image_feats) if queries == "text" else (image_feats, text_feats)
     nq = num_items(q_feats)
-    idx = shortlist(q_feats["global"], g_feats["global"], k)  # [nq, k]
+    scores = cosine_matrix(q_feats["global"], g_feats["global"])  # [nq, ng], first stage
+    idx = top_k_order(scores, k)  # [nq, k], the shortlist
     k = idx.shape[1]
     q_rows = torch.arange(nq).repeat_interleave(k)
     g_rows = idx.reshape(-1)
@@ -99,7 +100,6 @@ def two_stage_scores(
         tf, imf = (qf, gf) if queries == "text" else (gf, qf)
         exact[s : s + pair_chunk] = method.pair_similarity(tf, imf).float().cpu()
     exact = exact.view(nq, k)
-    scores = cosine_matrix(q_feats["global"], g_feats["global"])  # [nq, ng]
     scores += exact.amin(1, keepdim=True) - 2.0
     scores.scatter_(1, idx, exact)
     return scores if queries == "text" else scores.T.contiguous()

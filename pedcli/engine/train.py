@@ -276,7 +276,9 @@ class _Trainer:
         if ckpt is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+        start = time.perf_counter()
         trunk = self._trunk() if stage.freeze_trunk and self.opts.trunk_cache else None
+        trunk_s = round(time.perf_counter() - start, 3)
         objective: nn.Module = _Objective(self.method, stage)
         if self.ctx.distributed:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -294,6 +296,8 @@ class _Trainer:
             record = self._train_epoch(objective, stage, optimizer, scheduler, trunk, state)
             record |= {"stage": stage.name, "stage_index": index, "stage_epoch": state.stage_epoch}
             record |= self._validate()
+            if trunk is not None and not history:
+                record["trunk_cache_s"] = trunk_s  # one-off cost (small when the cache is reused)
             self._save(record, state, optimizer, scheduler)
             history.append(record)
         if trunk is not None and self.ctx.is_main:
@@ -309,13 +313,10 @@ class _Trainer:
         loader = LoaderOptions(
             self.opts.eval_batch_size, self.opts.workers, self.opts.amp, self.opts.channels_last
         )
-        self.log(f"caching the frozen trunk outputs of the train images ({len(flips)} flip(s)), key {key}")
-        start = time.perf_counter()
-        cache = open_trunk_cache(
+        self.log(f"frozen trunk outputs of the train images ({len(flips)} flip(s)): cache key {key}")
+        return open_trunk_cache(
             self.method, self.cache, "train", flips, self.run_dir / TRUNK_DIR, key, self.ctx, loader
         )
-        self.log(f"trunk cache ready in {time.perf_counter() - start:.1f}s")
-        return cache
 
     # ---- one epoch --------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:

@@ -131,12 +131,13 @@ def open_trunk_cache(
     """The cache for `key`, built first if absent. `method` must be in the frozen stage's state."""
     final = folder / key
     if not (final / META).is_file():
-        was_training = method.training
+        modes = [(m, m.training) for m in method.modules()]
         method.eval()
         try:
             _build(method, cache, split, list(flips), final, ctx, opts)
         finally:
-            method.train(was_training)
+            for module, training in modes:  # exactly as before: frozen parts stay in eval mode
+                module.training = training
     return TrunkCache(final)
 
 

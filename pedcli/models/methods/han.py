@@ -78,6 +78,7 @@ class HANConfig:
     stage1_freeze_trunk: bool = False  # True: stage 1 trains on cached backbone maps (not in the paper)
     stage2_epochs: int = 60
     stage2_lr: float = 2e-4
+    stage2_freeze_trunk: bool = False  # likewise for stage 2 (not in the paper)
 
     def __post_init__(self) -> None:
         choices = {
@@ -165,25 +166,28 @@ class HAN(Method):
 
     # ---- schedule ---------------------------------------------------------------------------------
     def stages(self, train: TrainConfig) -> list[Stage]:
-        """Sec. 4.2: classification first, then the joint loss; the whole network learns in both."""
+        """Sec. 4.2: classification first, then the joint loss; the whole network learns in both unless
+        `stage1_freeze_trunk` / `stage2_freeze_trunk` keep the backbone fixed (its maps are then cached)."""
         cfg = self.cfg
+        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
+
+        def stage(name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool) -> Stage:
+            return Stage(
+                name,
+                train.epochs if train.epochs is not None else epochs,
+                train.lr or lr,
+                losses,
+                trainable=heads if frozen else ("*",),
+                freeze_trunk=frozen,
+            )
+
         joint = tuple(
             name for name, on in (("rank", cfg.ranking != "none"), ("cls", cfg.classification)) if on
         )
-        stage2 = Stage("joint", train.epochs or cfg.stage2_epochs, train.lr or cfg.stage2_lr, joint)
+        stage2 = stage("joint", cfg.stage2_epochs, cfg.stage2_lr, joint, cfg.stage2_freeze_trunk)
         if not cfg.classification:  # Table 5 "ranking only": there is nothing to pre-train with
             return [stage2]
-        trainable = ("*",)
-        if cfg.stage1_freeze_trunk:
-            trainable = tuple(name for name, _ in self.named_children() if name != "backbone")
-        stage1 = Stage(
-            "classification",
-            train.epochs or cfg.stage1_epochs,
-            train.lr or cfg.stage1_lr,
-            ("cls",),
-            trainable=trainable,
-            freeze_trunk=cfg.stage1_freeze_trunk,
-        )
+        stage1 = stage("classification", cfg.stage1_epochs, cfg.stage1_lr, ("cls",), cfg.stage1_freeze_trunk)
         return [stage1, stage2]
 
     # ---- image path -------------------------------------------------------------------------------

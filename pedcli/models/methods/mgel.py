@@ -162,12 +162,16 @@ class MGEL(Method):
         cfg = self.cfg
         losses = tuple(name for name in LOSSES if getattr(cfg, name))
         lr = train.lr or cfg.lr
-        joint = Stage("joint", train.epochs or cfg.epochs, lr, losses)
+
+        def epochs(default: int) -> int:
+            return train.epochs if train.epochs is not None else default
+
+        joint = Stage("joint", epochs(cfg.epochs), lr, losses)
         if not cfg.warmup_epochs:
             return [joint]
         heads = tuple(name for name, _ in self.named_children() if name != "backbone")
         warmup = Stage(
-            "warmup", train.epochs or cfg.warmup_epochs, lr, losses, trainable=heads, freeze_trunk=True
+            "warmup", epochs(cfg.warmup_epochs), lr, losses, trainable=heads, freeze_trunk=True
         )
         return [warmup, joint]
 

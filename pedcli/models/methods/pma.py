@@ -216,13 +216,24 @@ def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor) -> Tensor:
     return num / sq_norm.clamp(min=0).sqrt().clamp(min=_EPS)
 
 
+def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., b] → (x / ‖x‖, ‖x‖): cosines straight from the unit vectors, dot products from both."""
+    norms = x.norm(dim=-1)
+    return x / norms.clamp(min=_EPS)[..., None], norms
+
+
+def _gram(units: Tensor, norms: Tensor) -> Tensor:
+    """Dot products u_n·u_m [B, N, N] of the vectors stored as unit vectors [B, N, b] and norms [B, N]."""
+    return (units @ units.transpose(1, 2)) * norms[:, :, None] * norms[:, None, :]
+
+
 def _trim_units(text: Features) -> Features:
     """Drop unit columns no text of this chunk uses (phrase padding sized for the longest caption)."""
     if "phrases" not in text:
         return text
     used = text["phrases_mask"].any(0).nonzero()
     n = int(used.max()) + 1 if used.numel() else 1
-    return {**text, "phrases": text["phrases"][:, :n], "phrases_mask": text["phrases_mask"][:, :n]}
+    return {**text, **{k: text[k][:, :n] for k in ("phrases", "phrase_norms", "phrases_mask")}}
 
 
 @register_method("pma")
@@ -296,26 +307,37 @@ class PMA(Method):
         """p_k of the 6 body parts [B, 6, b]: keypoint maps summed per part, then the pose CNN."""
         return self.pose_cnn(group_parts(self._pose(batch)))
 
-    def encode_images(self, batch: Batch) -> Features:
-        """"global": the mean projected region (eq. 14's φ(I)_avg; the shortlist feature);
+    def image_features(self, batch: Batch) -> tuple[Features, Features]:
+        """(stored features, raw ones the losses need).
+
+        Stored: "global", the mean projected region (eq. 14's φ(I)_avg; the shortlist feature);
         "regions" [B, 24, b]: φ̃_ij of eq. 5 (stripe-major); FA with pose: "parts" p_k [B, 6, b] and
         "fa_parts" φ^p_k [B, 6, b] (p_k attending over the regions, as eqs. 10–11 do over phrases);
-        FA without pose: "fa_regions" [B, 24, b]."""
+        FA without pose: "fa_regions" [B, 24, b] and "fa_region_norms" [B, 24]. Scoring reads only
+        their cosines (and the region norms), so they are stored L2-normalised: a shortlist re-scores
+        each image K times and must not normalise it K times.
+        Raw: "parts" (the part loss, eq. 18) and "fa_id" (FA's image identity feature: the mean of
+        the attended parts, or of the regions without pose)."""
         grid = self.trunk_output(batch).float()  # [B, C, S, W]
         regions = grid.permute(0, 2, 3, 1)  # [B, S, W, C]
         projected = self.region_proj(regions).flatten(1, 2)  # eq. 5, [B, 24, b]
-        feats = {"global": projected.mean(1)}
+        feats, raw = {"global": projected.mean(1)}, {}
         if self.cfg.coarse:
-            feats["regions"] = projected
+            feats["regions"] = F.normalize(projected, dim=-1)
         if self.cfg.fine:
             fa_regions = self.fa_region_fc(regions.flatten(1, 2))
             if self.cfg.fa_pose:
                 parts = self.pose_parts(batch)
-                feats["parts"] = parts
-                feats["fa_parts"] = attend_by_cosine(parts, fa_regions)[0]
+                attended = attend_by_cosine(parts, fa_regions)[0]
+                feats["parts"], feats["fa_parts"] = F.normalize(parts, dim=-1), F.normalize(attended, dim=-1)
+                raw["parts"], raw["fa_id"] = parts, attended.mean(1)
             else:
-                feats["fa_regions"] = fa_regions
-        return feats
+                feats["fa_regions"], feats["fa_region_norms"] = _unit_and_norm(fa_regions)
+                raw["fa_id"] = fa_regions.mean(1)
+        return feats, raw
+
+    def encode_images(self, batch: Batch) -> Features:
+        return self.image_features(batch)[0]
 
     # ---- text path --------------------------------------------------------------------------------
     def phrase_states(self, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -330,16 +352,24 @@ class PMA(Method):
         _, vectors, _ = self.text(cut.tokens, cut.lengths)
         return cut.unflatten(vectors, b, p)
 
-    def encode_texts(self, batch: Batch) -> Features:
-        """"global": ẽ^t (eqs. 4, 6); FA: "phrases" ẽ^n [B, P, b] and "phrases_mask" [B, P] (word
-        states instead of phrases when fa_units="words")."""
+    def text_features(self, batch: Batch) -> tuple[Features, Features]:
+        """(stored features, raw ones the losses need).
+
+        Stored: "global" ẽ^t (eqs. 4, 6); FA: "phrases" ẽ^n / ‖ẽ^n‖ [B, P, b], "phrase_norms" [B, P]
+        and "phrases_mask" [B, P] (word states instead of phrases when fa_units="words").
+        Raw: "fa_id", the mean phrase (FA's text identity feature)."""
         states, sentence, mask = self.text(batch["tokens"], batch["lengths"])
-        feats = {"global": self.sentence_fc(sentence)}
+        feats, raw = {"global": self.sentence_fc(sentence)}, {}
         if self.cfg.fine:
             units, units_mask = (states, mask) if self.cfg.fa_units == "words" else self.phrase_states(batch)
-            feats["phrases"] = self.phrase_fc(units)
+            phrases = self.phrase_fc(units)
+            feats["phrases"], feats["phrase_norms"] = _unit_and_norm(phrases)
             feats["phrases_mask"] = units_mask
-        return feats
+            raw["fa_id"] = masked_pool(phrases, units_mask)
+        return feats, raw
+
+    def encode_texts(self, batch: Batch) -> Features:
+        return self.text_features(batch)[0]
 
     # ---- scoring ----------------------------------------------------------------------------------
     def _coarse(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,7 +378,7 @@ class PMA(Method):
         if not self.cfg.coarse:  # Table 3 without CA: cosine of the global features
             s = _cross(t, F.normalize(image["global"], dim=-1)[:, None], pairwise)[..., 0, :]
             return s[..., 0], s, torch.ones_like(s)
-        s = _cross(t, F.normalize(image["regions"], dim=-1), pairwise)[..., 0, :]  # eq. 7
+        s = _cross(t, image["regions"], pairwise)[..., 0, :]  # eq. 7
         w = coarse_attention(s, self.cfg.ca_attention, self.cfg.ca_top_m)  # eqs. 8–9
         return (w * s).sum(-1), s, w
 
@@ -357,29 +387,25 @@ class PMA(Method):
 
         cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
         the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
-        phrases, mask = text["phrases"], text["phrases_mask"]
-        norms = phrases.norm(dim=-1)  # [nt, P]
-        units = torch.cat([F.normalize(image["parts"], dim=-1), F.normalize(image["fa_parts"], dim=-1)], 1)
-        cos = _cross(F.normalize(phrases, dim=-1), units, pairwise).transpose(-1, -2)  # [..., 12, P]
-        k = len(PARTS)
-        alpha = masked_softmax(cos[..., :k, :], _per_text(mask, pairwise)[..., None, :])  # eq. 11
-        dots = cos[..., k:, :] * _per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
-        gram = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
+        phrases, norms, mask = text["phrases"], text["phrase_norms"], text["phrases_mask"]
+        cos = _cross(phrases, image["parts"], pairwise).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
+        alpha = masked_softmax(cos, _per_text(mask, pairwise)[..., None, :])  # eq. 11
+        dots = _cross(phrases, image["fa_parts"], pairwise).transpose(-1, -2)
+        dots = dots * _per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
+        gram = _per_text(_gram(phrases, norms), pairwise)
         return _attended_cosine(alpha, dots, gram).sum(-1), alpha  # eqs. 12–13
 
     def _fine_no_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
         """(S_fa, β [..., P, 24]) — Table 5 "FA w/o pose": each phrase attends over the regions by
         cosine (eq. 11 with the phrase in the part's place); S_fa is the mean of the phrases' cosines
         with their attended regions (a caption's phrase count must not scale its score)."""
-        phrases, mask = text["phrases"], text["phrases_mask"]
-        regions = image["fa_regions"]
-        r_norms = regions.norm(dim=-1)  # [ni, 24]
-        cos = _cross(F.normalize(phrases, dim=-1), F.normalize(regions, dim=-1), pairwise)  # [..., P, 24]
+        regions, r_norms = image["fa_regions"], image["fa_region_norms"]
+        cos = _cross(text["phrases"], regions, pairwise)  # [..., P, 24]
         beta = torch.softmax(cos, dim=-1)
         dots = cos * _per_image(r_norms, pairwise)[..., None, :]  # ê_i · r̃_j
-        gram = _per_image(regions @ regions.transpose(1, 2), pairwise)
+        gram = _per_image(_gram(regions, r_norms), pairwise)
         s = _attended_cosine(beta, dots, gram)  # [..., P]
-        m = _per_text(mask, pairwise).to(s.dtype)
+        m = _per_text(text["phrases_mask"], pairwise).to(s.dtype)
         return (s * m).sum(-1) / m.sum(-1).clamp(min=1), beta
 
     def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
@@ -398,17 +424,23 @@ class PMA(Method):
         if not self.cfg.fine:
             return regions
         units = int(_trim_units(text)["phrases"].shape[1])
-        return max(regions, units * (2 * len(PARTS) if self.cfg.fa_pose else regions))
+        return max(regions, units * (len(PARTS) if self.cfg.fa_pose else regions))
 
     def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
-        nt = text_feats["global"].shape[0]
-        ni = image_feats["global"].shape[0]
+        """[n_text, n_image]. Texts go in sub-chunks of similar phrase counts (each trims its own
+        padding) small enough that no intermediate exceeds SCORE_BUDGET elements."""
+        nt, ni = text_feats["global"].shape[0], image_feats["global"].shape[0]
+        device = text_feats["global"].device
+        if "phrases_mask" in text_feats:
+            order = torch.argsort(text_feats["phrases_mask"].sum(1), stable=True)
+        else:
+            order = torch.arange(nt, device=device)
         step = max(1, SCORE_BUDGET // max(1, ni * self._pair_width(text_feats)))
-        return torch.cat(
-            [self._scores(index_features(text_feats, slice(s, s + step)), image_feats, pairwise=False)
-             for s in range(0, nt, step)]
-        ) if nt else torch.empty(0, ni)  # fmt: skip
+        out = torch.empty(nt, ni, device=device)
+        for s in range(0, nt, step):
+            rows = order[s : s + step]
+            out[rows] = self._scores(index_features(text_feats, rows), image_feats, pairwise=False)
+        return out
 
     def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
         return self._scores(text_feats, image_feats, pairwise=True)
@@ -417,7 +449,7 @@ class PMA(Method):
     def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
         """Eq. 19: L_ca + λ3·L_fa + λ4·L_p; each branch L = L_r + λ1·L_idi + λ2·L_idt (eqs. 14–15)."""
         cfg = self.cfg
-        image, text = self.encode_images(batch), self.encode_texts(batch)
+        (image, image_raw), (text, text_raw) = self.image_features(batch), self.text_features(batch)
         pids, labels = batch["pid"], batch["label"]
         branch = "ca" if cfg.coarse else "global"
         out = {
@@ -426,18 +458,14 @@ class PMA(Method):
             + cfg.lambda2 * identity_loss(self.ca_classifier(text["global"]), labels),  # eq. 14
         }
         if cfg.fine:
-            if cfg.fa_pose:
-                sim, img_id = self._fine_pose(text, image, False)[0], image["fa_parts"].mean(1)
-            else:
-                sim, img_id = self._fine_no_pose(text, image, False)[0], image["fa_regions"].mean(1)
-            txt_id = masked_pool(text["phrases"], text["phrases_mask"])
-            out["fa_ranking"] = cfg.lambda3 * triplet_hardest(sim, pids, cfg.margin)
+            fine = self._fine_pose if cfg.fa_pose else self._fine_no_pose
+            out["fa_ranking"] = cfg.lambda3 * triplet_hardest(fine(text, image, False)[0], pids, cfg.margin)
             out["fa_identity"] = cfg.lambda3 * (
-                cfg.lambda1 * identity_loss(self.fa_classifier(img_id), labels)
-                + cfg.lambda2 * identity_loss(self.fa_classifier(txt_id), labels)
+                cfg.lambda1 * identity_loss(self.fa_classifier(image_raw["fa_id"]), labels)
+                + cfg.lambda2 * identity_loss(self.fa_classifier(text_raw["fa_id"]), labels)
             )
             if cfg.fa_pose:  # eq. 18: each p_k classified as part k
-                logits = self.part_classifier(image["parts"])  # [B, 6, 6]
+                logits = self.part_classifier(image_raw["parts"])  # [B, 6, 6]
                 target = torch.arange(len(PARTS), device=logits.device).expand(logits.shape[0], -1)
                 out["part"] = cfg.lambda4 * F.cross_entropy(logits.flatten(0, 1), target.flatten())
         return {name: out[name] for name in stage.losses}

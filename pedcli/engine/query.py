@@ -1,0 +1,246 @@
+"""`ped query`: rank the images of a folder by a sentence, with a trained run.
+
+1. The run's method and its text pipeline (vocab.json + the text options in config.json): a query goes
+   through exactly what the training captions went through.
+2. The gallery's features from the per-model cache (`pedcli.engine.gallery`): only new or changed images
+   are embedded; unreadable ones are reported and skipped.
+3. A shortlist by cosine of the "global" features (`pedcli.engine.index`: exact flat scan or faiss IVF),
+   then the method's exact score of the shortlisted pairs (`pair_similarity`, the two-stage scoring of
+   `ped eval --rerank-top`). For embedding methods (global cosine) the second stage changes nothing; for
+   cross-attention methods it is the real score. A gallery no larger than the shortlist is scored whole.
+4. `--min-score` cuts the ranking, so "no match" is an answer; `--top K` keeps the K best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pedcli.data.dataset import _TEXT_KEYS  # TODO(lead): a public "text arrays → batch" helper
+from pedcli.engine.distributed import resolve_device
+from pedcli.engine.explain_view import View, views
+from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, GalleryFeatures, HashMemo, model_key
+from pedcli.engine.index import cached_faiss, cached_norms, choose_index, flat_search
+from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
+from pedcli.errors import PedError
+from pedcli.fileio import sha256_bytes
+from pedcli.models.methods.base import Batch, Features, Method, index_features
+from pedcli.text.pipeline import TextPipeline
+from pedcli.text.vocab import Vocab
+
+DEFAULT_RERANK_TOP = 1000
+
+
+@dataclass
+class Match:
+    rank: int
+    score: float
+    path: Path
+    view: View = field(default_factory=View)
+
+
+@dataclass
+class QueryResult:
+    query: str
+    matches: list[Match]
+    phrases: list[str] = field(default_factory=list)  # the query's noun phrases, as the pipeline found them
+
+
+@dataclass
+class QueryReport:
+    run: Path
+    checkpoint: Path
+    method: str
+    gallery: Path
+    index: str
+    gallery_size: int
+    embedded: int
+    results: list[QueryResult]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def text_pipeline(run_dir: Path, config: dict[str, Any]) -> TextPipeline:
+    """The training-time text pipeline stored with the run."""
+    text = config.get("text")
+    if not isinstance(text, dict) or "options" not in text:
+        raise PedError(f"{run_dir / 'config.json'} has no text options", "train the run with this pedcli")
+    return TextPipeline.from_options(Vocab.load(run_dir / text.get("vocab", VOCAB)), text["options"])
+
+
+def text_batch(arrays: dict[str, np.ndarray]) -> Batch:
+    """The pipeline's text.h5 arrays → the text batch keys a method's `encode_texts` reads."""
+    batch = {key: torch.from_numpy(arrays[name].astype(np.int64)) for name, key in _TEXT_KEYS.items()}
+    length = batch.pop("bert_length")
+    batch["bert_mask"] = (torch.arange(batch["bert_ids"].shape[1])[None] < length[:, None]).long()
+    batch["caption_index"] = torch.arange(len(length))
+    return batch
+
+
+def phrase_texts(words: list[str], spans: np.ndarray, count: int) -> list[str]:
+    return [" ".join(words[int(s) : int(e)]) for s, e in spans[:count]]
+
+
+def encode_queries(
+    method: Method, pipeline: TextPipeline, queries: Sequence[str], device: torch.device
+) -> tuple[Features, list[list[str]]]:
+    """Text features of the queries (CPU) and each query's noun phrases."""
+    arrays = pipeline.encode(queries)
+    words = pipeline.tokenize(queries)
+    with torch.inference_mode():
+        batch = {k: v.to(device) for k, v in text_batch(arrays).items()}
+        feats = {k: v.detach().cpu() for k, v in method.encode_texts(batch).items()}
+    phrases = [
+        phrase_texts(w, arrays["phrases"][i], int(arrays["n_phrases"][i])) for i, w in enumerate(words)
+    ]
+    return feats, phrases
+
+
+def shortlist_rows(
+    gallery: GalleryFeatures, query_global: np.ndarray, k: int, index: str
+) -> list[np.ndarray]:
+    """Per query, up to k store rows of the current gallery, best cosine first."""
+    base = gallery.features["global"]
+    in_gallery = np.zeros(base.shape[0], dtype=bool)
+    in_gallery[gallery.rows] = True
+    fetch = min(base.shape[0], k + int((~in_gallery).sum()))  # rows of other gallery states never win
+    tag = f"{gallery.generation}"
+    if index == "faiss":
+        _, rows = cached_faiss(base, gallery.store_dir / f"faiss.{tag}.ivf.index").search(query_global, fetch)
+    else:
+        inv = cached_norms(base, gallery.store_dir / f"norms.{tag}.npy")
+        _, rows = flat_search(base, query_global, fetch, inv)
+    return [r[(r >= 0) & in_gallery[np.maximum(r, 0)]][:k] for r in rows]
+
+
+@torch.inference_mode()
+def rescore(method: Method, text: Features, image: Features, device: torch.device) -> np.ndarray:
+    """Exact scores of one query against each image row (pairs, in chunks of the eval engine's size)."""
+    from pedcli.engine.scoring import DEFAULT_PAIR_CHUNK
+
+    n = next(iter(image.values())).shape[0]
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, DEFAULT_PAIR_CHUNK):
+        img = {k: v.to(device) for k, v in index_features(image, slice(s, s + DEFAULT_PAIR_CHUNK)).items()}
+        m = next(iter(img.values())).shape[0]
+        txt = {k: v.to(device).expand(m, *v.shape[1:]) for k, v in text.items()}
+        out[s : s + m] = method.pair_similarity(txt, img).float().cpu().numpy()
+    return out
+
+
+def rank_query(
+    method: Method,
+    gallery: GalleryFeatures,
+    text: Features,
+    rows: np.ndarray,
+    top: int,
+    min_score: float | None,
+    device: torch.device,
+) -> list[tuple[int, float]]:
+    """(store row, exact score) of the best `top` shortlisted rows scoring at least `min_score`."""
+    if len(rows) == 0:
+        return []
+    scores = rescore(method, text, gallery.gather(rows), device)
+    order = np.lexsort((rows, -scores))
+    ranked = [(int(rows[i]), float(scores[i])) for i in order]
+    if min_score is not None:
+        ranked = [(r, s) for r, s in ranked if s >= min_score]
+    return ranked[:top]
+
+
+def query_gallery(
+    run: str | Path,
+    gallery: str | Path,
+    queries: Sequence[str],
+    *,
+    top: int = 10,
+    min_score: float | None = None,
+    index: str = "auto",
+    rerank_top: int = DEFAULT_RERANK_TOP,
+    cache_dir: str | Path | None = None,
+    checkpoint: str = "best",
+    batch_size: int = 32,
+    device: str | None = None,
+    explain: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> QueryReport:
+    """Rank the images under `gallery` for each query (see the module docstring)."""
+    queries = [q.strip() for q in queries if q.strip()]
+    if not queries:
+        raise PedError("no query given", 'pass a sentence, e.g. ped query "a woman in a red shirt" ...')
+    if top < 1 or rerank_top < 1:
+        raise PedError("--top and --rerank-top must be at least 1")
+    gallery = Path(gallery)
+    if not gallery.is_dir():
+        raise PedError(f"gallery folder {gallery} does not exist", "pass --gallery DIR with your images")
+    run_dir, ckpt = resolve_checkpoint(run, checkpoint)
+    dev = resolve_device(device)
+    method, config = load_run(run, checkpoint, device=dev)
+    pipeline = text_pipeline(run_dir, config)
+    root = gallery / CACHE_DIRNAME if cache_dir is None else Path(cache_dir) / gallery_slug(gallery)
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt_memo = HashMemo(root / "checkpoints.json")  # a checkpoint is hashed once, not per query
+    ckpt_sha = ckpt_memo.sha(ckpt.resolve(), str(ckpt.resolve()))
+    ckpt_memo.save()
+    feats = GalleryCache(gallery, root, model_key(ckpt_sha, config)).sync(
+        method, batch_size=batch_size, log=log
+    )
+    kind = choose_index(index, len(feats.rows))
+    text, phrases = encode_queries(method, pipeline, queries, dev)
+    by_row: dict[int, list[Path]] = {}
+    for p, r in zip(feats.paths, feats.rows, strict=True):
+        by_row.setdefault(int(r), []).append(p)
+    results = []
+    if len(feats.rows):
+        shortlists = shortlist_rows(feats, text["global"].float().numpy(), max(top, rerank_top), kind)
+    else:
+        shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
+    for qi, q in enumerate(queries):
+        t = index_features(text, slice(qi, qi + 1))
+        ranked = rank_query(method, feats, t, shortlists[qi], top, min_score, dev)
+        matched = [(p, s, r) for r, s in ranked for p in by_row[r]][:top]
+        shown = (
+            views(method.explain(t, feats.gather([r for _, _, r in matched])), len(matched), phrases[qi])
+            if explain and matched
+            else [View() for _ in matched]
+        )
+        results.append(
+            QueryResult(
+                q,
+                [Match(i + 1, s, p, v) for i, ((p, s, _), v) in enumerate(zip(matched, shown, strict=True))],
+                phrases[qi],
+            )
+        )
+    return QueryReport(
+        run_dir,
+        ckpt,
+        config["method"],
+        gallery,
+        kind,
+        len(feats.paths),
+        feats.embedded,
+        results,
+        feats.skipped,
+    )
+
+
+def gallery_slug(gallery: Path) -> str:
+    """A shared --cache-dir holds one folder per gallery, so galleries never evict each other's rows."""
+    resolved = gallery.resolve()
+    return f"{resolved.name}-{sha256_bytes(str(resolved).encode())[:12]}"
+
+
+def read_queries(path: str | Path) -> list[str]:
+    """One query per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise PedError(f"cannot read the queries file {path} ({e.strerror})", "pass a text file") from e
+    out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not out:
+        raise PedError(f"{path} holds no query", "write one sentence per line")
+    return out

@@ -1,0 +1,556 @@
+"""NAFS — Non-local Alignment over Full-Scale representations (Gao et al., 2021).
+
+Read beside the paper (/work/shared/papers/nafs-non-local-alignment-full-scale.txt):
+
+- Image (§3.1): a staircase backbone. The global branch is the backbone itself, its last stage at
+  stride 1 (§4.1); the region branch takes the stage-2 map through "two consecutive res-blocks" and
+  cuts the result into n1 = 2 stripes; the patch branch takes the stage-3 map through "one res-block"
+  into n2 = 3 stripes. With a four-stage backbone the res-blocks are deep copies of the backbone's own
+  later stages (region: stages 3 and 4, patch: stage 4), so the branches start from the pretrained
+  weights and the design carries over to any backbone (ResNet-50 as the paper, MobileNetV2 offline).
+  Split & shuffle (training only): the stage-2 / stage-3 maps are cut into n1 / n2 horizontal stripes,
+  shuffled per image and re-concatenated before entering their branch.
+- Text (§3.2): a BERT with locality-constrained attention (eq. 1). A [CLS] is attached to the
+  beginning of every comma-separated sub-sentence (inserted into the word-piece sequence right before
+  the sub-sentence, so its position is the one just before the span); its attention sees only itself
+  and the tokens of its span. Only those [CLS] queries are constrained, as eq. 1 says: the other tokens
+  attend over the sentence (never to the sub-sentence [CLS] tokens, which stay pure readers), so in a
+  deeper BERT a span token's keys/values carry sentence context, exactly as eq. 1's k_i, v_i do.
+  Scales: the sentence [CLS], the sub-sentence [CLS]s, the word pieces.
+- Contextual non-local attention (§3.3): visual queries / values and textual keys / values are linear
+  maps of the all-scale features. Image→text (eqs. 2–5): s = [cos(i_q, t_k)]_+, normalised over the
+  visual units, the focal trick s̃_ab = [Σ_c (ŝ_ab − ŝ_ac)]_+ ŝ_ab, α = softmax_b(λ1 s̃), R = cos(i_v,
+  Σ_b α t_v), S = mean over the visual units. Text→image mirrors it (λ2). "Separate alignment"
+  (Table 3) restricts the attention to the paired scales (global↔sentence, regions↔sub-sentences,
+  patches↔words).
+- Losses (eq. 7): λ2·CMPM + λ3·CMPC on the global-branch / sentence features and λ4·CSAL on the
+  attention scores, with λ2, λ3, λ4 = 1, 1, 0.1 (§4.1). Re-ranking by visual neighbours (eq. 8) is
+  post-processing in `pedcli.engine.rerank.rvn`; `default_rerank` tells `ped eval` to apply it.
+
+Where the paper leaves a choice open (documented at each place): the projections into D (one linear
+map per image scale, one for all BERT states), λ1 = λ2 (not given; BFAN's default 20), CSAL's
+probabilities (a softmax of S/τ over the batch, as CMPM's), the test score (mean of S and S'), the
+epochs, and the "concatenation" rows of Table 4 (the scales' features concatenated, one linear map).
+
+Scoring all pairs needs two [units × units] dot-product matrices per pair (queries·keys and
+values·values); the attended vectors are never formed: their norms come from Gram matrices.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pedcli.errors import PedError
+from pedcli.models.attention import masked_pool, masked_softmax
+from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
+from pedcli.models.losses import cmpc_loss, cmpm_loss
+from pedcli.models.methods.base import (
+    Batch,
+    DataInfo,
+    Features,
+    Method,
+    Stage,
+    TrainConfig,
+    index_features,
+    register_method,
+)
+from pedcli.models.text_encoders import BertEncoder
+from pedcli.text.bert import resolve_bert_model
+
+IMAGE_SCALES = ("global", "region", "patch")
+TEXT_SCALES = ("sentence", "subsentence", "word")  # paired with IMAGE_SCALES by position (Table 3)
+ALIGNMENTS = ("joint", "separate")
+TEST_SCORES = ("mean", "image_text", "text_image")
+# Largest [text, image, units, units] intermediate of one `similarity` call, in elements: texts are
+# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
+SCORE_BUDGET = 1 << 23
+_EPS = 1e-8
+
+
+@dataclass
+class NAFSConfig:
+    """Every option; the paper's ablation tables map onto these fields (see each comment)."""
+
+    backbone: str = "mobilenet_v2"  # the paper: resnet50; mobilenet_v2 has offline ImageNet weights
+    pretrained: str = "imagenet"  # "none" trains the CNN from scratch
+    bert_model: str | None = None  # BERT folder; None = the one the cache was tokenised with
+    bert_random_init: bool = False  # tests: the same architecture with random weights
+    bert_layers: int | None = None  # tests: fewer layers
+    bert_hidden: int | None = None  # tests: a narrower BERT
+    bert_trainable: bool = True
+    embed_dim: int = 768  # D of every scale's features (§4.1)
+    region_stripes: int = 2  # n1
+    patch_stripes: int = 3  # n2
+    image_scales: tuple[str, ...] = IMAGE_SCALES  # Table 2: ("global",), ("global", "patch"), all
+    text_scales: tuple[str, ...] = TEXT_SCALES  # Table 2: ("sentence",), ("sentence", "word"), all
+    alignment: str = "joint"  # Table 3: "joint" or "separate" (scale pairs only)
+    staircase: bool = True  # Table 4; False: region/patch stripes pooled from the global branch's map
+    split_shuffle: bool = True  # Table 4 (needs the staircase)
+    locality: bool = True  # eq. 1; False: a sub-sentence [CLS] attends over the whole sentence
+    nonlocal_attention: bool = True  # Table 4; False: scales concatenated into one vector, cosine
+    focal: bool = True  # the focal trick of eqs. 2–3
+    lambda_softmax: float = 20.0  # λ1 = λ2, inverse temperature of eq. 3 (not given; BFAN's 20)
+    test_score: str = "mean"  # "mean" of S and S', or eq. 5's S ("image_text") / S' ("text_image")
+    csal_temperature: float = 0.1  # CSAL: p = softmax(S / τ) over the batch (S is a cosine mean)
+    cmpm_weight: float = 1.0  # λ2 of eq. 7
+    cmpc_weight: float = 1.0  # λ3 of eq. 7
+    csal_weight: float = 0.1  # λ4 of eq. 7
+    rvn: bool = True  # Table 4 "RVN": `ped eval` re-ranks by visual neighbours (eq. 8)
+    rvn_neighbours: int = 10  # l of eq. 8 (not given)
+    rvn_weight: float = 0.5  # the average of the score and the Jaccard similarity
+    epochs: int = 40  # not given in the paper
+    lr: float = 1.1e-3  # §4.1: 0.0011 for the heads ...
+    extractor_lr_mult: float = 0.1  # ... and 0.00011 for the visual and textual extraction branches
+    frozen_epochs: int = 0  # optional warm-up with CNN and BERT frozen (not in the paper; quick runs)
+
+    def __post_init__(self) -> None:
+        self.image_scales = tuple(self.image_scales)  # a JSON config gives lists
+        self.text_scales = tuple(self.text_scales)
+        pairs = zip(IMAGE_SCALES, TEXT_SCALES, strict=True)
+        paired = [(i in self.image_scales) == (t in self.text_scales) for i, t in pairs]
+        checks = [
+            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
+             f"choose one of: {', '.join(BACKBONES)}"),
+            (bool(self.image_scales) and set(self.image_scales) <= set(IMAGE_SCALES)
+             and "global" in self.image_scales,
+             f"NAFS image_scales must include 'global' and come from {IMAGE_SCALES}, got {self.image_scales}",
+             "Table 2 uses [global], [global, patch] or all three"),
+            (bool(self.text_scales) and set(self.text_scales) <= set(TEXT_SCALES)
+             and "sentence" in self.text_scales,
+             f"NAFS text_scales must include 'sentence' and come from {TEXT_SCALES}, got {self.text_scales}",
+             "Table 2 uses [sentence], [sentence, word] or all three"),
+            (self.alignment in ALIGNMENTS, f"unknown NAFS alignment '{self.alignment}'",
+             f"choose one of: {', '.join(ALIGNMENTS)}"),
+            (self.alignment == "joint" or all(paired),
+             "NAFS separate alignment pairs global↔sentence, region↔sub-sentence, patch↔word: "
+             f"image_scales {self.image_scales} and text_scales {self.text_scales} do not pair up",
+             "enable both scales of each pair, or use alignment=joint"),
+            (self.staircase or not self.split_shuffle,
+             "NAFS split_shuffle shuffles the stripes entering the staircase branches",
+             "set split_shuffle=false when staircase=false"),
+            (self.test_score in TEST_SCORES, f"unknown NAFS test_score '{self.test_score}'",
+             f"choose one of: {', '.join(TEST_SCORES)}"),
+            (min(self.embed_dim, self.region_stripes, self.patch_stripes, self.rvn_neighbours) > 0
+             and self.lambda_softmax > 0 and self.csal_temperature > 0,
+             "NAFS embed_dim, stripes, rvn_neighbours, lambda_softmax and csal_temperature must be positive",
+             "e.g. embed_dim=768, region_stripes=2, patch_stripes=3"),
+        ]  # fmt: skip
+        for ok, msg, hint in checks:
+            if not ok:
+                raise PedError(msg, hint)
+
+
+# ---- image: the staircase backbone (§3.1) ---------------------------------------------------------
+def split_shuffle(x: Tensor, n: int) -> Tensor:
+    """§3.1 split & shuffle: cut the map [B, C, H, W] into n horizontal stripes (heights differ by at
+    most one row when n does not divide H), shuffle them independently per image, re-concatenate."""
+    b, _, h, _ = x.shape
+    rows = torch.arange(h, device=x.device).tensor_split(n)
+    order = torch.rand(b, n, device=x.device).argsort(1).tolist()
+    index = torch.stack([torch.cat([rows[j] for j in perm]) for perm in order])  # [B, H]
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+class Staircase(nn.Module):
+    """The global / region / patch branches; returns the pooled units [B, m, C] in the order of
+    IMAGE_SCALES (1 global vector, n1 region stripes, n2 patch stripes; disabled scales left out)."""
+
+    def __init__(self, cfg: NAFSConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone, cfg.pretrained, last_stride=1)
+        stages = self.backbone.stages
+        self.region_branch: nn.Module | None = None
+        self.patch_branch: nn.Module | None = None
+        if cfg.staircase and "region" in cfg.image_scales:  # "two consecutive res-blocks"
+            self.region_branch = nn.Sequential(copy.deepcopy(stages[2]), copy.deepcopy(stages[3]))
+        if cfg.staircase and "patch" in cfg.image_scales:  # "one res-block"
+            self.patch_branch = copy.deepcopy(stages[3])
+        self.channels = self.backbone.channels[-1]
+
+    def _branch(self, branch: nn.Module | None, entry: Tensor, last: Tensor, n: int) -> Tensor:
+        if branch is None:  # no staircase: stripes of the global branch's own last map
+            return stripe_pool(last, n)
+        if self.cfg.split_shuffle and self.training:
+            entry = split_shuffle(entry, n)
+        return stripe_pool(branch(entry), n)
+
+    def forward(self, image: Tensor) -> Tensor:
+        cfg = self.cfg
+        maps = self.backbone(image)  # stages 1–4
+        units = [maps[-1].mean(dim=(2, 3))[:, None]]
+        if "region" in cfg.image_scales:
+            units.append(self._branch(self.region_branch, maps[1], maps[-1], cfg.region_stripes))
+        if "patch" in cfg.image_scales:
+            units.append(self._branch(self.patch_branch, maps[2], maps[-1], cfg.patch_stripes))
+        return torch.cat(units, dim=1)
+
+
+# ---- text: the locality-constrained BERT (§3.2, eq. 1) ---------------------------------------------
+@dataclass
+class LocalitySequence:
+    """The word pieces with one [CLS] inserted before each sub-sentence, and where everything went."""
+
+    ids: Tensor  # [B, L + S]
+    mask: Tensor  # [B, L + S] real tokens
+    attention: Tensor  # [B, L + S, L + S] bool: token i may attend to token j
+    word_pos: Tensor  # [B, L] new position of each original piece
+    cls_pos: Tensor  # [B, S] position of each sub-sentence [CLS] (0 where the span is invalid)
+    span_valid: Tensor  # [B, S]
+
+
+def locality_sequence(
+    ids: Tensor, mask: Tensor, spans: Tensor, n_spans: Tensor, local: bool = True
+) -> LocalitySequence:
+    """Insert a [CLS] (the id at position 0) right before every valid [start, end) span and build the
+    attention of eq. 1: a sub-sentence [CLS] sees itself and its span (`local`) or every real piece;
+    the other pieces see each other (never the inserted [CLS] tokens). Spans are sorted and disjoint."""
+    b, length = ids.shape
+    s = spans.shape[1]
+    dev = ids.device
+    real = mask.bool()
+    n_real = real.sum(1, keepdim=True)
+    start, end = spans[..., 0].long(), spans[..., 1].long()
+    valid = (torch.arange(s, device=dev)[None] < n_spans[:, None]) & (start >= 1) & (end > start)
+    valid &= end <= n_real
+    is_start = torch.zeros(b, length + 1, dtype=torch.long, device=dev)
+    is_start.scatter_add_(1, torch.where(valid, start, length), valid.long())
+    word_pos = torch.arange(length, device=dev)[None] + is_start[:, :length].cumsum(1)  # [B, L]
+    cls_pos = torch.where(valid, word_pos.gather(1, start.clamp(0, length - 1)) - 1, 0)
+    total = length + s
+    new_ids = ids.new_zeros(b, total).scatter_(1, word_pos, ids)
+    new_ids = torch.where(_onehot(cls_pos, valid, total), ids[:, :1], new_ids)
+    new_real = torch.zeros(b, total, dtype=torch.bool, device=dev).scatter_(1, word_pos, real)
+    is_cls = _onehot(cls_pos, valid, total)
+    attention = new_real[:, :, None] & new_real[:, None, :]  # pieces ↔ pieces
+    pos = torch.arange(length, device=dev)
+    inside = (pos[None, None] >= start[..., None]) & (pos[None, None] < end[..., None]) & valid[..., None]
+    if not local:
+        inside = real[:, None, :] & valid[..., None]
+    sees = torch.zeros(b, s, total, dtype=torch.bool, device=dev)
+    sees.scatter_(2, word_pos[:, None, :].expand(-1, s, -1), inside)  # [B, S, L+S]
+    sees |= F.one_hot(cls_pos, total).bool() & valid[..., None]  # and itself
+    rows, cols = valid.nonzero(as_tuple=True)
+    attention[rows, cls_pos[rows, cols]] = sees[rows, cols]
+    return LocalitySequence(new_ids, (new_real | is_cls).long(), attention, word_pos, cls_pos, valid)
+
+
+def _onehot(pos: Tensor, valid: Tensor, total: int) -> Tensor:
+    """Bool [B, total] with True at the valid positions `pos` [B, S]."""
+    return (F.one_hot(pos, total).bool() & valid[..., None]).any(1)
+
+
+# ---- contextual non-local attention (§3.3) -------------------------------------------------------
+def focal(s_hat: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """The focal trick: s̃_ab = [Σ_c (ŝ_ab − ŝ_ac)]_+ ŝ_ab over the valid c along `dim` — zero for every
+    unit whose ŝ is at most the mean of its row, so only the above-average ones keep a weight."""
+    count = mask.sum(dim, keepdim=True)
+    total = (s_hat * mask).sum(dim, keepdim=True)
+    return (count * s_hat - total).clamp(min=0) * s_hat * mask
+
+
+def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor, norms: Tensor, dim: int) -> Tensor:
+    """cos(u, Σ_b w_b v_b) for each u, from the raw dots u·v_b, the Gram matrix of the v's and |u|,
+    without forming the attended vectors. weights and dots share a layout; `dim` runs over b."""
+    num = (weights * dots).sum(dim) / norms.clamp(min=_EPS)
+    # |Σ_b w_b v_b|² = w G wᵀ: weights [..., a, b] (dim -1) or [..., b, a] (dim -2), gram [..., b, b]
+    sq = ((weights @ gram) * weights).sum(-1) if dim == -1 else ((gram @ weights) * weights).sum(-2)
+    return num / sq.clamp(min=0).sqrt().clamp(min=_EPS)
+
+
+def contextual_attention(
+    cos: Tensor, dots: Tensor, mask: Tensor, image_gram: Tensor, text_gram: Tensor,
+    image_norms: Tensor, text_norms: Tensor, lam: float, use_focal: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Both directions for pairs laid out [..., m, n] (m visual units, n textual units).
+
+    cos: cos(i_q, t_k); dots: i_v · t_v; mask: which (a, b) may align (valid text units, and the scale
+    pairs under separate alignment); grams: i_v·i_v [..., m, m] and t_v·t_v [..., n, n]; norms |i_v|
+    [..., m], |t_v| [..., n]. Returns (S [...], S' [...], α [..., m, n], α' [..., m, n]).
+    """
+    m = mask.to(cos.dtype)
+    s = cos.clamp(min=0) * m  # eq. 2 (and s'_ab, its transpose)
+    # image → text: ŝ normalised over the visual units, focal and softmax over the textual ones (eq. 3)
+    s_hat = s / s.sum(-2, keepdim=True).clamp(min=_EPS)
+    s_til = focal(s_hat, m, -1) if use_focal else s_hat
+    alpha = masked_softmax(lam * s_til, mask, dim=-1)
+    r = _attended_cosine(alpha, dots, text_gram, image_norms, -1)  # eq. 4, [..., m]
+    rows = mask.any(-1).to(cos.dtype)
+    score = (r * rows).sum(-1) / rows.sum(-1).clamp(min=1)  # eq. 5
+    # text → image: ŝ' normalised over the textual units, focal and softmax over the visual ones
+    s_hat2 = s / s.sum(-1, keepdim=True).clamp(min=_EPS)
+    s_til2 = focal(s_hat2, m, -2) if use_focal else s_hat2
+    alpha2 = masked_softmax(lam * s_til2, mask, dim=-2)
+    r2 = _attended_cosine(alpha2, dots, image_gram, text_norms, -2)  # [..., n]
+    cols = mask.any(-2).to(cos.dtype)
+    score2 = (r2 * cols).sum(-1) / cols.sum(-1).clamp(min=1)  # S'(T, I)
+    return score, score2, alpha, alpha2
+
+
+# ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
+def _cross(image: Tensor, text: Tensor, pairwise: bool) -> Tensor:
+    """Dot products of image units [ni, m, D] with text units [nt, n, D]: [nt, ni, m, n] ([k, m, n])."""
+    if pairwise:
+        return image @ text.transpose(1, 2)
+    ni, m, d = image.shape
+    nt, n, _ = text.shape
+    flat = image.reshape(ni * m, d) @ text.reshape(nt * n, d).T  # one GEMM for every pair
+    return flat.reshape(ni, m, nt, n).permute(2, 0, 1, 3)
+
+
+def _per_text(x: Tensor, pairwise: bool) -> Tensor:
+    return x if pairwise else x.unsqueeze(1)
+
+
+def _per_image(x: Tensor, pairwise: bool) -> Tensor:
+    return x if pairwise else x.unsqueeze(0)
+
+
+def _trim_units(text: Features) -> Features:
+    """Drop unit columns no text of this chunk uses (padding sized for the longest caption)."""
+    used = (text["scales"] > 0).any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    return {k: v[:, :n] if k in ("keys", "values", "scales") else v for k, v in text.items()}
+
+
+def _matching_kl(logits: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
+    """mean_i KL(softmax_j(logits_ij) ‖ q_ij): CSAL's L_i / L_t (CMPM's form, eq. 6)."""
+    log_p = F.log_softmax(logits, dim=1)
+    return (log_p.exp() * (log_p - torch.log(q + eps))).sum(dim=1).mean()
+
+
+@register_method("nafs")
+class NAFS(Method):
+    """Staircase CNN + locality-constrained BERT, all scales aligned by contextual non-local attention."""
+
+    Config = NAFSConfig
+    cfg: NAFSConfig
+
+    def __init__(self, cfg: NAFSConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        d = cfg.embed_dim
+        self.staircase = Staircase(cfg)
+        c = self.staircase.channels
+        self.image_fc = nn.ModuleDict({s: nn.Linear(c, d) for s in cfg.image_scales})  # units into R^D
+        self.text = BertEncoder(_bert_folder(cfg, info), cfg.bert_trainable, cfg.bert_random_init,
+                                cfg.bert_layers, cfg.bert_hidden)  # fmt: skip
+        self.text_fc = nn.Linear(self.text.hidden, d)
+        self.cmpc_classes = nn.Parameter(torch.randn(info.num_classes, d) * 0.01)  # CMPC's W
+        if cfg.nonlocal_attention:  # §3.3: two linear maps per modality
+            self.image_query, self.image_value = nn.Linear(d, d), nn.Linear(d, d)
+            self.text_key, self.text_value = nn.Linear(d, d), nn.Linear(d, d)
+        else:  # Table 4 rows without contextual non-local: the scales' features concatenated
+            self.image_unify = nn.Linear(d * self.n_image_units, d)
+            self.text_unify = nn.Linear(d * len(cfg.text_scales), d)
+        codes = [IMAGE_SCALES.index(s) + 1 for s in cfg.image_scales for _ in range(self._units_of(s))]
+        self.register_buffer("image_scale_codes", torch.tensor(codes), persistent=False)
+
+    # ---- what `ped eval` reads ------------------------------------------------------------------
+    @property
+    def default_rerank(self) -> str | None:
+        """Table 4 "RVN": NAFS ranks with re-ranking by visual neighbours unless `rvn=false`."""
+        return "rvn" if self.cfg.rvn else None
+
+    @property
+    def rerank_options(self) -> dict[str, Any]:
+        return {"neighbours": self.cfg.rvn_neighbours, "weight": self.cfg.rvn_weight}
+
+    # ---- schedule ---------------------------------------------------------------------------------
+    def loss_names(self) -> tuple[str, ...]:
+        return ("cmpm", "cmpc", "csal") if self.cfg.nonlocal_attention else ("cmpm", "cmpc")
+
+    def stages(self, train: TrainConfig) -> list[Stage]:
+        """§4.1: Adam, 0.00011 for the visual and textual extraction branches, 0.0011 for the rest; an
+        optional frozen warm-up first (`frozen_epochs`, not in the paper)."""
+        cfg = self.cfg
+        extractors = ("staircase", "text")
+        heads = tuple(name for name, _ in self.named_children() if name not in extractors) + ("cmpc_classes",)
+        joint = Stage("joint", train.epochs if train.epochs is not None else cfg.epochs, train.lr or cfg.lr,
+                      self.loss_names(), lr_mult={e: cfg.extractor_lr_mult for e in extractors})  # fmt: skip
+        if cfg.frozen_epochs <= 0:
+            return [joint]
+        warm = Stage("frozen_extractors", train.epochs if train.epochs is not None else cfg.frozen_epochs,
+                     train.lr or cfg.lr, self.loss_names(), trainable=heads, freeze_trunk=True)  # fmt: skip
+        return [warm, joint]
+
+    # ---- image path -------------------------------------------------------------------------------
+    def _units_of(self, scale: str) -> int:
+        return {"global": 1, "region": self.cfg.region_stripes, "patch": self.cfg.patch_stripes}[scale]
+
+    @property
+    def n_image_units(self) -> int:
+        return sum(self._units_of(s) for s in self.cfg.image_scales)
+
+    def image_trunk(self, batch: Batch) -> Tensor:
+        """The staircase's pooled units [B, m, C] (global, n1 regions, n2 patches)."""
+        return self.staircase(batch["image"])
+
+    def encode_images(self, batch: Batch) -> Features:
+        """ "global": the global branch in R^D (CMPM/CMPC, shortlist, RVN); with non-local attention
+        "queries" / "values" [B, m, D] (I_Q, I_V of §3.3); without it "global" is the unified vector."""
+        units = self.trunk_output(batch).float()
+        splits = torch.split(units, [self._units_of(s) for s in self.cfg.image_scales], dim=1)
+        feats = torch.cat(
+            [self.image_fc[s](x) for s, x in zip(self.cfg.image_scales, splits, strict=True)], 1
+        )
+        if not self.cfg.nonlocal_attention:
+            return {"global": self.image_unify(feats.flatten(1))}
+        return {"global": feats[:, 0], "queries": self.image_query(feats), "values": self.image_value(feats)}
+
+    # ---- text path --------------------------------------------------------------------------------
+    def text_units(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """All-scale textual features T [B, n, D] and their scale codes [B, n] (1 sentence, 2 sub-sentence,
+        3 word; 0 = padding): the sentence [CLS], the sub-sentence [CLS]s, the word pieces."""
+        if "bert_ids" not in batch:
+            raise PedError(
+                "NAFS needs BERT word pieces but the batch has none (the cache was built without BERT)",
+                "preprocess the cache with a BERT tokenizer (the default MiniLM, or --bert-model DIR)",
+            )
+        ids, mask = batch["bert_ids"].long(), batch["bert_mask"].long()
+        subs = "subsentence" in self.cfg.text_scales
+        length = mask.sum(1, keepdim=True)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        if subs:
+            seq = locality_sequence(ids, mask, batch["bert_spans"], batch["n_spans"], self.cfg.locality)
+            states = self.text(seq.ids, seq.mask, seq.attention)
+            word_states = states.gather(1, seq.word_pos[..., None].expand(-1, -1, states.shape[-1]))
+        else:
+            states = word_states = self.text(ids, mask)
+        units = [states[:, :1]]
+        codes = [torch.ones_like(ids[:, :1])]
+        if subs:
+            units.append(states.gather(1, seq.cls_pos[..., None].expand(-1, -1, states.shape[-1])))
+            codes.append(seq.span_valid.long() * 2)
+        if "word" in self.cfg.text_scales:  # pieces between [CLS] and [SEP]
+            units.append(word_states[:, 1:])
+            codes.append(((pos >= 1) & (pos < length - 1)).long()[:, 1:] * 3)
+        return self.text_fc(torch.cat(units, 1)), torch.cat(codes, 1)
+
+    def encode_texts(self, batch: Batch) -> Features:
+        """ "global": the sentence [CLS] in R^D; with non-local attention "keys" / "values" [B, n, D]
+        (T_K, T_V of §3.3) and "scales" [B, n] (int8 scale codes, 0 = padding)."""
+        units, codes = self.text_units(batch)
+        units = units * (codes > 0)[..., None]
+        if not self.cfg.nonlocal_attention:
+            pooled = [masked_pool(units, codes == k + 1) for k, s in enumerate(TEXT_SCALES)
+                      if s in self.cfg.text_scales]  # fmt: skip
+            return {"global": self.text_unify(torch.cat(pooled, 1))}
+        return {"global": units[:, 0], "keys": self.text_key(units), "values": self.text_value(units),
+                "scales": codes.to(torch.int8)}  # fmt: skip
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def _attention(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, ...]:
+        """(S, S', α, α') of every pair (texts × images, or aligned pairs)."""
+        keys, t_values = text["keys"].float(), text["values"].float()
+        queries, i_values = image["queries"].float(), image["values"].float()
+        codes = _per_text(text["scales"].long(), pairwise)[..., None, :]  # [.., 1, n]
+        mask = codes > 0
+        if self.cfg.alignment == "separate":
+            mask = mask & (codes == self.image_scale_codes[:, None])
+        else:
+            mask = mask.expand(*mask.shape[:-2], self.n_image_units, -1)
+        cos = _cross(F.normalize(queries, dim=-1), F.normalize(keys, dim=-1), pairwise)
+        dots = _cross(i_values, t_values, pairwise)
+        return contextual_attention(
+            cos, dots, mask,
+            _per_image(i_values @ i_values.transpose(1, 2), pairwise),
+            _per_text(t_values @ t_values.transpose(1, 2), pairwise),
+            _per_image(i_values.norm(dim=-1), pairwise),
+            _per_text(t_values.norm(dim=-1), pairwise),
+            self.cfg.lambda_softmax, self.cfg.focal,
+        )  # fmt: skip
+
+    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
+        if not self.cfg.nonlocal_attention:
+            t, i = F.normalize(text["global"].float(), dim=-1), F.normalize(image["global"].float(), dim=-1)
+            return (t * i).sum(-1) if pairwise else t @ i.T
+        s, s2 = self._attention(_trim_units(text), image, pairwise)[:2]
+        if self.cfg.test_score == "image_text":
+            return s
+        return s2 if self.cfg.test_score == "text_image" else (s + s2) / 2
+
+    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
+        nt = text_feats["global"].shape[0]
+        ni = image_feats["global"].shape[0]
+        if not nt:
+            return torch.empty(0, ni)
+        width = (
+            self.n_image_units * int(_trim_units(text_feats)["scales"].shape[1])
+            if self.cfg.nonlocal_attention
+            else 1
+        )
+        step = max(1, SCORE_BUDGET // max(1, ni * width))
+        return torch.cat([self._scores(index_features(text_feats, slice(s, s + step)), image_feats, False)
+                          for s in range(0, nt, step)])  # fmt: skip
+
+    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
+        return self._scores(text_feats, image_feats, pairwise=True)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
+        """Eq. 7: λ2·CMPM + λ3·CMPC on the global features, λ4·CSAL = λ4·(L_i + L_t) on S and S'."""
+        cfg = self.cfg
+        image, text = self.encode_images(batch), self.encode_texts(batch)
+        pids, labels = batch["pid"], batch["label"]
+        out = {
+            "cmpm": cfg.cmpm_weight * cmpm_loss(image["global"], text["global"], pids),
+            "cmpc": cfg.cmpc_weight * cmpc_loss(image["global"], text["global"], labels, self.cmpc_classes),
+        }
+        if cfg.nonlocal_attention:
+            s, s2 = self._attention(text, image, pairwise=False)[:2]  # [texts, images]
+            same = (pids[:, None] == pids[None, :]).float()
+            q = same / same.sum(1, keepdim=True)  # symmetric y: q over texts per image = over images per text
+            l_i = _matching_kl(s.T / cfg.csal_temperature, q)  # image i over texts j
+            l_t = _matching_kl(s2 / cfg.csal_temperature, q)  # text j over images i
+            out["csal"] = cfg.csal_weight * (l_i + l_t)
+        return {name: out[name] for name in stage.losses}
+
+    # ---- explanation ------------------------------------------------------------------------------
+    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
+        """For the first query and each image: which image unit each text unit attends to (α') and
+        which text unit each image unit attends to (α), with the units named by scale (Fig. 4)."""
+        if not self.cfg.nonlocal_attention:
+            return None
+        text = _trim_units(index_features(text_feats, slice(0, 1)))
+        valid = text["scales"][0] > 0
+        with torch.no_grad():
+            s, s2, alpha, alpha2 = self._attention(text, image_feats, pairwise=False)
+        counts = {k: 0 for k in range(1, 4)}
+        text_units = []
+        for code in text["scales"][0][valid].tolist():
+            counts[code] += 1
+            text_units.append("sentence" if code == 1 else f"{TEXT_SCALES[code - 1]} {counts[code]}")
+        image_units = [s if self._units_of(s) == 1 else f"{s} {k + 1}"
+                       for s in self.cfg.image_scales for k in range(self._units_of(s))]  # fmt: skip
+        return {
+            "image_units": image_units,
+            "text_units": text_units,
+            "image_to_text": alpha[0][..., valid].numpy(),  # [ni, m, n]: each image unit's weights (eq. 3)
+            "text_to_image": alpha2[0][..., valid].transpose(-1, -2).numpy(),  # [ni, n, m]
+            "regions": alpha2[0][..., valid][..., 0].numpy(),  # [ni, m]: the sentence's weights
+            "scores": {"image_text": s[0].numpy(), "text_image": s2[0].numpy()},
+        }
+
+
+def _bert_folder(cfg: NAFSConfig, info: DataInfo) -> str | None:
+    """The BERT folder: the configured one must be the tokenizer the cache's word pieces came from."""
+    if cfg.bert_model is None:
+        return info.bert_model
+    if (
+        Path(resolve_bert_model(cfg.bert_model)).resolve()
+        != Path(resolve_bert_model(info.bert_model)).resolve()
+    ):
+        raise PedError(
+            f"NAFS bert_model {cfg.bert_model} is not the tokenizer the cache was built with "
+            f"({info.bert_model or 'the default MiniLM'}): its word-piece ids would mean other words",
+            f"leave bert_model unset (the cache's), or preprocess again with --bert-model {cfg.bert_model}",
+        )
+    return cfg.bert_model

@@ -1,0 +1,26 @@
+"""Worker of the concurrent-cache test (its own module: spawned processes import it, not test_query)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pedcli.engine.gallery import GalleryCache
+
+
+def mean_colour(_method: object, arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """A stand-in encoder (mean RGB as the global feature), slow enough that two writers overlap."""
+    time.sleep(0.2)
+    return {"global": torch.tensor(np.stack([a.reshape(-1, 3).mean(0) for a in arrays]), dtype=torch.float32)}
+
+
+def sync_gallery(gallery: str, root: str, batch_size: int) -> list[tuple[str, list[float]]]:
+    """(path, stored global feature) of every gallery file after one sync."""
+    cache = GalleryCache(Path(gallery), Path(root), "model")
+    feats = cache.sync(None, mean_colour, batch_size)  # type: ignore[arg-type]  (no model: a stand-in)
+    glob = feats.gather(feats.rows)["global"]
+    return [(str(p), g.tolist()) for p, g in zip(feats.paths, glob, strict=True)]

@@ -1,0 +1,265 @@
+"""`ped query`: the gallery feature cache (incremental, corrupt files, concurrent writers), the indexes,
+the text pipeline of the run, thresholds, and the JSON / HTML outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import multiprocessing
+from html.parser import HTMLParser
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from query_workers import mean_colour, sync_gallery
+from typer.testing import CliRunner
+
+from pedcli.cli import app
+from pedcli.data.cache import part_path
+from pedcli.engine import gallery as gallery_mod
+from pedcli.engine.embed import embed_images
+from pedcli.engine.explain_view import View, views
+from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, find_images
+from pedcli.engine.index import FaissIndex, flat_search, top_k
+from pedcli.engine.query import QueryReport, QueryResult, query_gallery, read_queries, text_pipeline
+from pedcli.engine.report import to_html, to_json
+from pedcli.engine.runs import load_run, read_config
+from pedcli.engine.train import train
+from pedcli.errors import PedError
+from pedcli.text.vocab import UNK_ID
+
+QUERY = "w3 w5 w7 w2"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The global baseline, tiny widths, one epoch per stage on the tiny cache (query mechanics only).
+    TODO(lead): move to conftest.py if the train tests grow a shared trained-run fixture."""
+    run = tmp_path_factory.mktemp("query_run") / "run"
+    options = {"pretrained": "none", "embed_dim": 16, "hidden": 8, "word_dim": 8}
+    train("baseline", tiny_cache, run, method_options=options, options={"epochs": 1, "batch_size": 4},
+          progress=False)  # fmt: skip
+    return run
+
+
+def cache_images(cache: Path) -> np.ndarray:
+    with h5py.File(part_path(cache, "images"), "r") as f:
+        return f["images"][:]
+
+
+def save_image(path: Path, img: np.ndarray) -> Path:
+    """A cache image scaled up 4× (a realistic file, not a 32×16 one), format from the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.kron(img, np.ones((4, 4, 1), np.uint8))).save(path)
+    return path
+
+
+def write_gallery(out: Path, cache: Path, n: int, start: int = 0) -> list[Path]:
+    """n cache images as PNG and JPEG files, every second one in a subfolder."""
+    images = cache_images(cache)[start : start + n]
+    return [
+        save_image(out / ("sub" if i % 2 else "") / f"img{start + i}.{'png' if i % 3 else 'jpg'}", img)
+        for i, img in enumerate(images)
+    ]
+
+
+def ranked_paths(report: QueryReport, qi: int = 0) -> list[Path]:
+    return [m.path for m in report.results[qi].matches]
+
+
+def test_incremental_cache(trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    gal = tmp_path / "gallery"
+    files = write_gallery(gal, tiny_cache, 6)
+    first = query_gallery(trained_run, gal, [QUERY], top=20)
+    assert (first.embedded, first.gallery_size) == (6, 6)
+    assert sorted(ranked_paths(first)) == sorted(files)
+
+    hashed: list[Path] = []
+    real = gallery_mod.sha256_file
+    monkeypatch.setattr(gallery_mod, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    again = query_gallery(trained_run, gal, [QUERY], top=20)
+    assert again.embedded == 0 and hashed == []  # nothing re-embedded, nothing re-hashed
+    assert [(m.path, m.score) for m in again.results[0].matches] == [
+        (m.path, m.score) for m in first.results[0].matches
+    ]
+
+    files[0].unlink()  # removed
+    write_gallery(gal / "new", tiny_cache, 1, start=10)  # added
+    save_image(files[1], cache_images(tiny_cache)[12])  # changed content, same name
+    third = query_gallery(trained_run, gal, [QUERY], top=20)
+    assert third.embedded == 2 and third.gallery_size == 6
+    assert sorted(ranked_paths(third)) == sorted(find_images(gal))
+    assert files[0] not in ranked_paths(third)
+    store = json.loads(next((gal / CACHE_DIRNAME).glob("*/store.json")).read_text())
+    assert store["rows"] == 6  # the removed file's row was dropped, the changed file's old row too
+
+
+def test_corrupt_and_unreadable_files_are_skipped(
+    trained_run: Path, tiny_cache: Path, tmp_path: Path
+) -> None:
+    gal = tmp_path / "gallery"
+    good = write_gallery(gal, tiny_cache, 3)
+    (gal / "broken.jpg").write_bytes(b"not an image at all")
+    truncated = gal / "sub" / "truncated.png"
+    truncated.write_bytes(good[1].read_bytes()[:60])
+    report = query_gallery(trained_run, gal, [QUERY], top=10)
+    assert sorted(ranked_paths(report)) == sorted(good)
+    assert {p.name for p, _ in report.skipped} == {"broken.jpg", "truncated.png"}
+    assert all("not a readable image" in reason for _, reason in report.skipped)
+    # the failure is remembered by content: reported again without decoding, the search still answers
+    result = CliRunner().invoke(app, ["query", QUERY, "--gallery", str(gal), "--run", str(trained_run)])
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output and "truncated.png" in result.output
+
+
+def test_json_schema_and_min_score(trained_run: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    gal = tmp_path / "gallery"
+    write_gallery(gal, tiny_cache, 8)
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"# comment\n{QUERY}\n\nw9 w11\n")
+    args = ["query", "--gallery", str(gal), "--run", str(trained_run), "--queries", str(queries), "--json"]
+    result = CliRunner().invoke(app, [*args, "--top", "5"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format"] == 1 and data["method"] == "baseline" and data["index"] == "flat"
+    assert data["gallery_size"] == 8 and data["skipped"] == []
+    assert [q["query"] for q in data["queries"]] == [QUERY, "w9 w11"]
+    for q in data["queries"]:
+        res = q["results"]
+        assert [r["rank"] for r in res] == list(range(1, 6))
+        scores = [r["score"] for r in res]
+        assert scores == sorted(scores, reverse=True) and all(isinstance(s, float) for s in scores)
+        assert all(Path(r["path"]).is_file() and Path(r["path"]).is_relative_to(gal.resolve()) for r in res)
+
+    full = query_gallery(trained_run, gal, [QUERY], top=8).results[0].matches
+    cut = (full[2].score + full[3].score) / 2 if full[2].score != full[3].score else full[2].score
+    kept = query_gallery(trained_run, gal, [QUERY], top=8, min_score=cut).results[0].matches
+    assert [m.path for m in kept] == [m.path for m in full if m.score >= cut]
+    none = CliRunner().invoke(app, [*args[:-1], "--min-score", str(full[0].score + 1)])
+    assert none.exit_code == 0 and "no match" in none.stdout
+
+
+def test_concurrent_writers_share_one_store(tiny_cache: Path, tmp_path: Path) -> None:
+    """Two processes fill the same empty cache at once (overlapping embeds): each answers every file with
+    its own content's features, and the store ends with one row per content and one generation."""
+    gal = tmp_path / "gallery"
+    write_gallery(gal, tiny_cache, 9)
+    root = tmp_path / "cache"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        answers = pool.starmap(sync_gallery, [(str(gal), str(root), b) for b in (2, 3)])
+    expected = mean_colour(None, [np.asarray(Image.open(p).convert("RGB")) for p in find_images(gal)])
+    for answer in answers:
+        assert [p for p, _ in answer] == [str(p) for p in find_images(gal)]
+        assert np.allclose([g for _, g in answer], expected["global"].numpy(), atol=0.1)  # float16 storage
+    store_dir = root / "model"
+    meta = json.loads((store_dir / "store.json").read_text())
+    assert meta["rows"] == 9
+    assert not [f for f in store_dir.iterdir() if "partial" in f.name]
+    assert all(f.name.split(".")[1] == str(meta["generation"]) for f in store_dir.glob("*.npy"))
+
+
+def test_query_uses_the_runs_text_pipeline(trained_run: Path) -> None:
+    config = read_config(trained_run)
+    pipeline = text_pipeline(trained_run, config)
+    vocab = json.loads((trained_run / "vocab.json").read_text())
+    assert pipeline.vocab.words == vocab
+    tokens = pipeline.encode(["w3 qqqq"])["tokens"][0]
+    assert tokens[:2].tolist() == [vocab.index("w3"), UNK_ID]
+
+
+def test_store_rows_follow_content(trained_run: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    """Two files with the same bytes share one row; the features equal a direct encoding of the file."""
+    gal = tmp_path / "gallery"
+    a = write_gallery(gal, tiny_cache, 2)
+    (gal / "copy.png").write_bytes(a[1].read_bytes())
+    method, _ = load_run(trained_run)
+    feats = GalleryCache(gal, tmp_path / "c", "k").sync(method)
+    assert len(feats.paths) == 3 and len(set(feats.rows.tolist())) == 2
+    direct = embed_images(method, [a[0]])["global"]
+    got = feats.gather(feats.rows[feats.paths.index(a[0]) : feats.paths.index(a[0]) + 1])["global"]
+    assert np.allclose(got.numpy(), direct.numpy(), atol=2e-3)  # float16 storage
+
+
+def test_flat_and_faiss_search() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 16)).astype(np.float32)
+    base = (np.repeat(centres, 50, 0) + 0.3 * rng.standard_normal((2000, 16))).astype(np.float16)
+    q = centres[:5] + 0.1 * rng.standard_normal((5, 16)).astype(np.float32)
+    scores, rows = flat_search(base, q, 7)
+    b = base.astype(np.float32)
+    brute = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    assert np.allclose(scores, -np.sort(-brute, axis=1)[:, :7], atol=2e-3)  # the 7 best, best first
+    assert np.allclose(scores, np.take_along_axis(brute, rows, 1), atol=2e-3)
+    index = FaissIndex.build(base)
+    index.nprobe = index.index.nlist  # every list probed: the approximate index becomes exact
+    _, found = index.search(q, 7)
+    assert (np.sort(found, 1) == np.sort(rows, 1)).mean() > 0.95
+
+
+def test_top_k_orders_ties_by_index() -> None:
+    vals, cols = top_k(np.array([[0.5, 0.9, 0.5, 0.1, 0.9]], np.float32), 4)
+    assert cols.tolist() == [[1, 4, 0, 2]] and np.allclose(vals, [[0.9, 0.9, 0.5, 0.5]])
+
+
+def test_explain_views_read_each_methods_layout() -> None:
+    pma = {"region_grid": (6, 4), "regions": np.arange(48.0).reshape(2, 24),
+           "selected": np.arange(48).reshape(2, 24) % 5 == 0, "parts": ["head", "torso"],
+           "phrases": np.array([[[0.9, 0.2], [0.1, 0.8]]] * 2)}  # fmt: skip
+    v = views(pma, 2, ["a red shirt", "black shoes"])
+    assert v[1].grid.shape == (6, 4) and v[1].grid.max() == 1 and v[1].grid[0, 0] == 0
+    assert v[0].selected[0, 0] and not v[0].selected[0, 1]
+    assert [(p, part) for p, part, _ in v[0].phrases] == [("a red shirt", "head"), ("black shoes", "torso")]
+    mgel = {
+        "granularities": [1, 3],
+        "stripe_similarity": [np.zeros((1, 2, 1)), np.array([[[0.1, 0.7, 0.3]] * 2])],
+    }
+    assert views(mgel, 2, [])[0].grid[:, 0].argmax() == 1
+    mia = {"region_grid": (3, 1), "regions": np.ones((1, 3)), "phrases": np.array([[[0.1, 0.2, 0.7]]])}
+    assert views(mia, 1, ["a bag"])[0].phrases[0][:2] == ("a bag", "stripe 3")
+    assert views(None, 2, [])[0].grid is None
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def having(self, tag: str, cls: str | None = None) -> list[dict[str, str | None]]:
+        return [
+            a for t, a in self.tags if t == tag and (cls is None or cls in (a.get("class") or "").split())
+        ]
+
+
+def test_html_page_is_self_contained(trained_run: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    gal = tmp_path / "gallery"
+    write_gallery(gal, tiny_cache, 4)
+    report = query_gallery(trained_run, gal, [QUERY, "w4"], top=3, explain=True)
+    grid = np.linspace(0, 1, 6).reshape(3, 2)
+    report.results[0].matches[0].view = View(grid, grid > 0.5, "attention", [("w3 w5", "stripe 1", 0.8)])
+    report.results.append(QueryResult("nothing", [], []))
+    page = _Page()
+    page.feed(to_html(report))
+    assert len(page.having("section", "query")) == 3 and len(page.having("figure", "match")) == 6
+    imgs = page.having("img")
+    assert len(imgs) == 6 and all(a["src"].startswith("data:image/jpeg;base64,") for a in imgs)
+    assert base64.b64decode(imgs[0]["src"].split(",", 1)[1])[:2] == b"\xff\xd8"  # a JPEG
+    assert len(page.having("div", "cell")) == 6 and len(page.having("div", "sel")) == 3
+    assert not [a for _, a in page.tags if (a.get("href") or "").startswith("http")]
+    assert to_json(report)["queries"][2]["results"] == []
+
+
+def test_bad_input_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["query", QUERY, "--gallery", str(tmp_path / "nope"), "--run", str(trained_run)]
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
+    with pytest.raises(PedError, match="no query"):
+        query_gallery(trained_run, tmp_path, ["  "])
+    (tmp_path / "q.txt").write_text("# only a comment\n")
+    with pytest.raises(PedError, match="holds no query"):
+        read_queries(tmp_path / "q.txt")
