@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from pedcli.engine.scoring import score_matrix, two_stage_scores
+from pedcli.models.methods import mia
 from pedcli.models.methods.base import DataInfo, Features, Method, create_method
 
 CUHK_TEXTS, CUHK_IMAGES = 6156, 3074
@@ -65,6 +66,44 @@ def pma_features(n_text: int, n_image: int, g: torch.Generator) -> tuple[Method,
     }
     image = {key: _randn(g, n_image, n, b) for key, n in (("regions", 24), ("parts", 6), ("fa_parts", 6))}
     return method, text, {"global": _randn(g, n_image, b), **image}
+
+
+@feature_maker("mia")
+def mia_features(n_text: int, n_image: int, g: torch.Generator) -> tuple[Method, Features, Features]:
+    """MIA at the paper's width 1024 (V = C = P = N): 6 stripe parts, their Gram matrix and their RGA /
+    BFM MLP outputs per image; 2–10 noun phrases per caption with theirs."""
+    method = create_method("mia", CUHK_INFO, {"pretrained": "none"}).eval()
+    d = method.cfg.embed_dim
+
+    def units(n: int, k: int, name: str) -> Features:
+        """Random units with what `mia.unit_features` stores beside them (random MLP outputs)."""
+
+        def mlp(u: torch.Tensor) -> torch.Tensor:
+            return torch.randn(u.shape, generator=g)
+
+        feats = mia.unit_features(_randn(g, n, k, d).float(), name, {"rga": mlp, "bfm": mlp})
+        return {key: v.half() for key, v in feats.items()}
+
+    text = units(n_text, 10, "phrases")
+    text |= {"global": _randn(g, n_text, d), "phrases_mask": _padded_mask(g, n_text, 2, 10)}
+    return method, text, {"global": _randn(g, n_image, d), **units(n_image, 6, "parts")}
+
+
+@feature_maker("nafs")
+def nafs_features(n_text: int, n_image: int, g: torch.Generator) -> tuple[Method, Features, Features]:
+    """NAFS at the paper's D = 768: 6 image units (global, 2 regions, 3 patches) as queries and values;
+    per caption the sentence, 6 sub-sentence slots (2–6 used) and 70 word-piece slots (15–70 used) as
+    keys and values, with their int8 scale codes (0 = padding)."""
+    method = create_method("nafs", CUHK_INFO, {"pretrained": "none", "bert_random_init": True}).eval()
+    d, m = method.cfg.embed_dim, method.n_image_units
+    subs, words = _padded_mask(g, n_text, 2, 6), _padded_mask(g, n_text, 15, 70)
+    scales = torch.cat([torch.ones(n_text, 1), 2 * subs, 3 * words], dim=1).to(torch.int8)
+    n = scales.shape[1]
+    text = {"global": _randn(g, n_text, d), "scales": scales}
+    text |= {key: _randn(g, n_text, n, d) for key in ("keys", "values")}
+    image = {"global": _randn(g, n_image, d)}
+    image |= {key: _randn(g, n_image, m, d) for key in ("queries", "values")}
+    return method, text, image
 
 
 def bench(name: str, n_text: int, n_image: int, k: int) -> None:

@@ -144,7 +144,10 @@ def train(
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars (RUN/train.log still logs)."),
 ) -> None:
-    """Train a method on a cache into a run folder (multi-process: launch with torchrun)."""
+    """Train a method on a cache into a run folder.
+
+    Several processes: torchrun --standalone --nproc_per_node 2 $(which ped) -- train ... --run R
+    """
     from pedcli.engine.options import parse_assignments
     from pedcli.engine.runs import read_config
     from pedcli.engine.train import TrainOptions
@@ -169,7 +172,10 @@ def train(
         progress=not quiet,
     )
     best = result.best
-    console.print(f"[green]{result.run_dir}[/]: best {best['metric']} {best['value']}, epoch {best['epoch']}")
+    if result.is_main:  # under torchrun every rank returns; one report
+        console.print(
+            f"[green]{result.run_dir}[/]: best {best['metric']} = {best['value']} (epoch {best['epoch']})"
+        )
 
 
 @app.command()
@@ -265,7 +271,7 @@ def query(
     html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML page here."),
     index: str = typer.Option("auto", "--index", help="Shortlist search: auto, flat (exact) or faiss."),
     rerank_top: int = typer.Option(
-        1000, "--rerank-top", min=1, help="Score this many cosine-shortlisted images exactly per query."
+        100, "--rerank-top", min=1, help="Score this many cosine-shortlisted images exactly per query."
     ),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Feature cache (default GALLERY/.pedcli)."

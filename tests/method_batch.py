@@ -1,6 +1,9 @@
-"""A tiny training batch in the layout of base.py's batch keys, for method tests that need no cache."""
+"""Method-test helpers: a tiny training batch in the layout of base.py's batch keys (no cache needed),
+and the held-out R@1 of a trained run for learning tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -32,3 +35,17 @@ def repad(batch: Batch, pad_to: int) -> Batch:
     tokens = batch["tokens"].new_zeros(batch["tokens"].shape[0], pad_to)
     tokens[:, : batch["tokens"].shape[1]] = batch["tokens"]
     return {**batch, "tokens": tokens}
+
+
+def heldout_r1(run: Path, cache: Path) -> tuple[float, float]:
+    """(text→image R@1 of the run's best checkpoint on the cache's test split, R@1 of random ranking), %."""
+    from pedcli.engine.embed import encode_split
+    from pedcli.engine.metrics import retrieval_metrics
+    from pedcli.engine.runs import load_run
+    from pedcli.engine.scoring import score_matrix
+
+    method, _ = load_run(run)
+    emb = encode_split(method, cache, "test", progress=False)
+    r1 = retrieval_metrics(score_matrix(method, emb.text, emb.image), emb.text_pid, emb.image_pid)["R@1"]
+    chance = 100 * float((emb.text_pid[:, None] == emb.image_pid[None, :]).mean())
+    return r1, chance

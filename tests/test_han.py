@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from method_batch import TINY_INFO, repad, tiny_batch
+from method_batch import TINY_INFO, heldout_r1, repad, tiny_batch
+from test_train import one_thread, synth_cache  # noqa: F401  (shared fixtures: one thread is autouse)
 
+from pedcli.engine.train import train
 from pedcli.errors import PedError
 from pedcli.models.losses import similarity_ranking_loss
 from pedcli.models.methods.base import TrainConfig, create_method
@@ -207,7 +210,8 @@ def test_unidirectional_lstm_reads_only_the_preceding_words() -> None:
         ({"ranking": "none"}, [("cls",), ("cls",)]),
         ({"classification": False}, [("rank",)]),
         ({"rank_directions": "both"}, [("cls",), ("rank", "cls")]),
-        ({"stage1_freeze_trunk": True}, [("cls",), ("rank", "cls")]),
+        ({"stage1_freeze_trunk": True, "stage2_freeze_trunk": True}, [("cls",), ("rank", "cls")]),
+        ({"normalize": True}, [("cls",), ("rank", "cls")]),
     ],
 )
 def test_every_ablation_switch_builds_and_trains(overrides, stage_losses) -> None:
@@ -225,11 +229,24 @@ def test_every_ablation_switch_builds_and_trains(overrides, stage_losses) -> Non
         assert m.eval().encode_texts(batch)["global"].shape == (6, 8)
 
 
-def test_frozen_first_stage_leaves_the_backbone_out() -> None:
-    m = make(stage1_freeze_trunk=True)
-    stage1, stage2 = m.stages(TrainConfig())
-    assert stage1.freeze_trunk and not stage2.freeze_trunk
-    assert not any(name.startswith("backbone.") for name, _ in m.trainable_parameters(stage1))
+@pytest.mark.parametrize(("first", "second"), [(True, False), (False, True), (True, True)])
+def test_frozen_stages_leave_the_backbone_out(first: bool, second: bool) -> None:
+    m = make(stage1_freeze_trunk=first, stage2_freeze_trunk=second)
+    for stage, frozen in zip(m.stages(TrainConfig()), (first, second), strict=True):
+        assert stage.freeze_trunk == frozen
+        learning = {name.split(".")[0] for name, _ in m.trainable_parameters(stage)}
+        assert ("backbone" in learning) != frozen and "text_encoder" in learning
+
+
+def test_normalize_puts_features_on_the_unit_sphere() -> None:
+    m = make(normalize=True).eval()
+    batch = trunk_batch()
+    with torch.no_grad():
+        txt, img = m.encode_texts(batch), m.encode_images(batch)
+    assert torch.allclose(txt["global"].norm(dim=1), torch.ones(6), atol=1e-5)
+    # on the sphere, Euclidean ranking is cosine ranking: the engine's cosine shortlist is exact
+    cos = txt["global"] @ img["global"].t()
+    assert torch.equal(m.similarity(txt, img).argsort(1), cos.argsort(1))
 
 
 def test_explain_returns_the_spatial_attention(model) -> None:
@@ -254,3 +271,19 @@ def test_explain_returns_the_spatial_attention(model) -> None:
 def test_bad_options_are_clear_errors(bad) -> None:
     with pytest.raises(PedError):
         make(**bad)
+
+
+# ---- learning -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_han_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    # both stages on cached MobileNetV2 maps; unit-length features and α = 0.5 (see HANConfig.normalize)
+    options = {"embed_dim": 256, "word_dim": 64, "hidden": 64, "attention_dim": 64, "normalize": True,
+               "margin": 0.5, "stage1_freeze_trunk": True, "stage1_epochs": 8, "stage1_lr": 3e-3,
+               "stage2_freeze_trunk": True, "stage2_epochs": 10, "stage2_lr": 1e-3}  # fmt: skip
+    result = train("han", synth_cache, tmp_path / "run", method_options=options, options={"batch_size": 16},
+                   seed=0, progress=False)  # fmt: skip
+    for stage in ("classification", "joint"):
+        losses = [r["loss"] for r in result.history if r["stage"] == stage]
+        assert losses[-1] < 0.8 * losses[0], (stage, losses)
+    r1, chance = heldout_r1(tmp_path / "run", synth_cache)
+    assert r1 >= 3 * chance, (r1, chance)

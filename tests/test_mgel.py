@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from method_batch import TINY_INFO, repad, tiny_batch
+from method_batch import TINY_INFO, heldout_r1, repad, tiny_batch
+from test_train import one_thread, synth_cache  # noqa: F401  (shared fixtures: one thread is autouse)
 
+from pedcli.engine.train import train
 from pedcli.errors import PedError
 from pedcli.models.losses.part_alignment import co_attend, part_alignment_loss
 from pedcli.models.methods.base import TrainConfig, create_method
@@ -217,3 +220,18 @@ def test_explain_gives_each_stripe_its_cosine(model) -> None:
 def test_bad_options_are_clear_errors(bad) -> None:
     with pytest.raises(PedError):
         make(**bad)
+
+
+# ---- learning -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mgel_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    # the frozen-trunk warm-up alone (cached MobileNetV2 maps), two granularities: seconds on a CPU
+    options = {"embed_dim": 64, "word_dim": 64, "granularities": (1, 2), "warmup_epochs": 15, "epochs": 0,
+               "lr": 3e-3}  # fmt: skip
+    result = train("mgel", synth_cache, tmp_path / "run", method_options=options, options={"batch_size": 16},
+                   seed=0, progress=False)  # fmt: skip
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(r["losses"]["pal"] < result.history[0]["losses"]["pal"] for r in result.history[1:])
+    r1, chance = heldout_r1(tmp_path / "run", synth_cache)
+    assert r1 >= 3 * chance, (r1, chance)

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_batch import TINY_INFO, repad, tiny_batch
+from test_train import one_thread, synth_cache  # noqa: F401  (the baseline's learning-test fixtures)
 
+from pedcli.engine.embed import encode_split
+from pedcli.engine.metrics import retrieval_metrics
+from pedcli.engine.runs import load_run
+from pedcli.engine.scoring import score_matrix
 from pedcli.engine.stages import set_trainable
+from pedcli.engine.train import train
 from pedcli.errors import PedError
 from pedcli.models.methods import mia
 from pedcli.models.methods.base import Batch, Features, TrainConfig, create_method
@@ -48,17 +54,20 @@ def model():
 
 # ---- eqs. 6–17 on hand-made features ---------------------------------------------------------------
 def hand_features(seed: int = 0) -> tuple[Features, Features]:
-    """2 captions (3 and 1 valid phrases of 4 slots) × 3 images of 6 parts, width 5."""
+    """2 captions (3 and 1 valid phrases of 4 slots) × 3 images of 6 parts, width 5, in the stored form
+    (`mia.unit_features`) but with arbitrary MLP outputs."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
 
     def r(*shape):
         return torch.randn(*shape, generator=g)
 
-    phrases = r(2, 4, 5) * mask[..., None]
-    text = {"global": r(2, 5), "phrases": phrases, "phrases_mask": mask, "rga_phrases": r(2, 4, 5),
-            "bfm_phrases": r(2, 4, 5)}  # fmt: skip
-    image = {"global": r(3, 5), "parts": r(3, 6, 5), "rga_parts": r(3, 6, 5), "bfm_parts": r(3, 6, 5)}
+    def mlp(_):
+        return lambda units: r(*units.shape)
+
+    text = {"global": r(2, 5), "phrases_mask": mask}
+    text |= mia.unit_features(r(2, 4, 5) * mask[..., None], "phrases", {"rga": mlp(0), "bfm": mlp(1)})
+    image = {"global": r(3, 5)} | mia.unit_features(r(3, 6, 5), "parts", {"rga": mlp(0), "bfm": mlp(1)})
     return text, image
 
 
@@ -66,18 +75,18 @@ def by_the_equations(text: Features, image: Features, t: int, i: int) -> dict[st
     """One pair, literally as eqs. 6–17 read (aggregated vectors formed, phrases of caption t only)."""
     cos = F.cosine_similarity
     valid = text["phrases_mask"][t]
-    T, I, P = text["global"][t], image["global"][i], image["parts"][i]  # noqa: N806 (the paper's names)
-    N = text["phrases"][t][valid]  # noqa: N806
-    v = torch.softmax(cos(image["rga_parts"][i], T[None], dim=-1), 0)  # eq. 6
-    s_i = cos((v[:, None] * P).sum(0), T, dim=0)  # eqs. 7–8
-    c = torch.softmax(cos(text["rga_phrases"][t][valid], I[None], dim=-1), 0)  # eq. 9
-    s_t = cos((c[:, None] * N).sum(0), I, dim=0)  # eqs. 10–11
+    sentence, img, parts = text["global"][t], image["global"][i], image["parts"][i]  # T, I, P_1..P_n
+    phrases = text["phrases"][t][valid]  # N_1..N_m
+    v = torch.softmax(cos(image["rga_parts"][i], sentence[None], dim=-1), 0)  # eq. 6
+    s_i = cos((v[:, None] * parts).sum(0), sentence, dim=0)  # eqs. 7–8
+    c = torch.softmax(cos(text["rga_phrases"][t][valid], img[None], dim=-1), 0)  # eq. 9
+    s_t = cos((c[:, None] * phrases).sum(0), img, dim=0)  # eqs. 10–11
     a = cos(text["bfm_phrases"][t][valid][:, None], image["bfm_parts"][i][None], dim=-1)  # [m, n]
     alpha = torch.softmax(a, dim=1)  # eq. 13
-    s_p = cos(alpha @ P, N, dim=-1).mean()  # eqs. 12, 14
+    s_p = cos(alpha @ parts, phrases, dim=-1).mean()  # eqs. 12, 14
     beta = torch.softmax(a.T, dim=1)  # eq. 16
-    s_n = cos(beta @ N, P, dim=-1).mean()  # eqs. 15, 17
-    return {"s_G": cos(T, I, dim=0), "s_I": s_i, "s_T": s_t, "s_P": s_p, "s_N": s_n, "v": v, "c": c,
+    s_n = cos(beta @ phrases, parts, dim=-1).mean()  # eqs. 15, 17
+    return {"s_G": cos(sentence, img, dim=0), "s_I": s_i, "s_T": s_t, "s_P": s_p, "s_N": s_n, "v": v, "c": c,
             "alpha": alpha, "beta": beta}  # fmt: skip
 
 
@@ -161,12 +170,15 @@ def test_feature_shapes_and_a_training_step_through_the_cnn() -> None:
     m.eval()
     text, image = features(m, batch)
     assert {k: tuple(v.shape) for k, v in text.items()} == {
-        "global": (6, 8), "phrases": (6, 4, 8), "phrases_mask": (6, 4), "rga_phrases": (6, 4, 8),
-        "bfm_phrases": (6, 4, 8),
+        "global": (6, 8), "phrases": (6, 4, 8), "phrases_mask": (6, 4), "phrases_gram": (6, 4, 4),
+        "rga_phrases": (6, 4, 8), "bfm_phrases": (6, 4, 8),
     }  # fmt: skip
     assert {k: tuple(v.shape) for k, v in image.items()} == {
-        "global": (6, 8), "parts": (6, 6, 8), "rga_parts": (6, 6, 8), "bfm_parts": (6, 6, 8)
-    }
+        "global": (6, 8), "parts": (6, 6, 8), "parts_gram": (6, 6, 6), "rga_parts": (6, 6, 8),
+        "bfm_parts": (6, 6, 8),
+    }  # fmt: skip
+    assert torch.allclose(image["parts_gram"], image["parts"] @ image["parts"].transpose(1, 2))
+    assert torch.allclose(text["bfm_phrases"].norm(dim=-1), torch.ones(6, 4))  # enter only through cosines
     assert text["phrases_mask"].sum(1).tolist() == list(N_PHRASES)
 
 
@@ -198,7 +210,7 @@ def test_text_features_ignore_padding(model) -> None:
     batch = mia_batch()
     a, _ = features(model, batch)
     b, _ = features(model, repad(batch, 12))
-    for key in ("global", "phrases", "bfm_phrases"):
+    for key in ("global", "phrases", "phrases_gram", "bfm_phrases"):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
@@ -301,19 +313,25 @@ def test_merged_steps_train_everything_at_the_step2_rate() -> None:
     assert (merged.epochs, merged.lr, merged.freeze_trunk) == (30, 2e-4, False)
 
 
+EVERY_PART_KEY = {"parts", "parts_gram", "rga_parts", "bfm_parts"}
+
+
 @pytest.mark.parametrize(
     ("overrides", "image_keys"),
     [
-        ({}, {"parts", "rga_parts", "bfm_parts"}),
+        ({}, EVERY_PART_KEY),
         ({"relation": False, "fine": False}, set()),  # Table III "GC"
-        ({"fine": False}, {"parts", "rga_parts"}),  # "GC + RGA"
-        ({"relation": False}, {"parts", "bfm_parts"}),  # "GC + BFM"
-        ({"global_contrast": False, "relation": False}, {"parts", "bfm_parts"}),  # Table IV "Fine"
-        ({"units": "words"}, {"parts", "rga_parts", "bfm_parts"}),  # Table VII
-        ({"schedule": "together"}, {"parts", "rga_parts", "bfm_parts"}),  # Table IV
-        ({"merge_steps": True}, {"parts", "rga_parts", "bfm_parts"}),  # Table VI
-        ({"step1_objectives": "mat", "step2_objectives": "mat"}, {"parts", "rga_parts", "bfm_parts"}),
-        ({"lambda1": 1.5, "lambda2": 0.7, "score": "relation"}, {"parts", "rga_parts", "bfm_parts"}),
+        ({"fine": False}, {"parts", "parts_gram", "rga_parts"}),  # "GC + RGA"
+        ({"relation": False}, {"parts", "parts_gram", "bfm_parts"}),  # "GC + BFM"
+        (
+            {"global_contrast": False, "relation": False},
+            {"parts", "parts_gram", "bfm_parts"},
+        ),  # Table IV "Fine"
+        ({"units": "words"}, EVERY_PART_KEY),  # Table VII
+        ({"schedule": "together"}, EVERY_PART_KEY),  # Table IV
+        ({"merge_steps": True}, EVERY_PART_KEY),  # Table VI
+        ({"step1_objectives": "mat", "step2_objectives": "mat"}, EVERY_PART_KEY),
+        ({"lambda1": 1.5, "lambda2": 0.7, "score": "relation"}, EVERY_PART_KEY),
     ],
 )
 def test_every_switch_builds_and_takes_a_training_step(overrides, image_keys) -> None:
@@ -374,3 +392,28 @@ def test_a_stage_without_losses_is_a_clear_error() -> None:
     m = make(global_contrast=False, relation=False, step2_objectives="mat")  # "Fine" in three steps
     with pytest.raises(PedError, match="step2"):
         m.stages(TrainConfig())
+
+
+# ---- learning on the synthetic benchmark ------------------------------------------------------------
+@pytest.mark.slow
+def test_mia_learns_on_the_synthetic_benchmark(synth_cache, tmp_path) -> None:  # noqa: F811
+    """Table V's "Id + Mat" step 1 (CNN frozen; identity, GC and RGA matching), then step 3 (the BFM
+    MLPs); step 2's CNN fine-tuning is left out so the test stays fast."""
+    options = TINY | {
+        "embed_dim": 64, "hidden": 64, "word_dim": 64, "mlp_hidden": 64, "pretrained": "imagenet",
+        "step1_objectives": "id+mat", "step1_epochs": 20, "step1_lr": 3e-3, "step2_epochs": 0,
+        "step3_epochs": 3, "step3_lr": 3e-3,
+    }  # fmt: skip
+    run = tmp_path / "run"
+    result = train("mia", synth_cache, run, method_options=options, options={"batch_size": 16}, seed=0,
+                   progress=False)  # fmt: skip
+    losses = {
+        stage: [r["loss"] for r in result.history if r["stage"] == stage] for stage in ("step1", "step3")
+    }
+    assert len(losses["step1"]) == 20 and len(losses["step3"]) == 3
+    assert losses["step1"][-1] < 0.5 * losses["step1"][0]
+    method, _ = load_run(run)  # best.pt
+    emb = encode_split(method, synth_cache, "test", progress=False)
+    r1 = retrieval_metrics(score_matrix(method, emb.text, emb.image), emb.text_pid, emb.image_pid)["R@1"]
+    chance = 100 * (emb.text_pid[:, None] == emb.image_pid[None, :]).mean()
+    assert r1 >= 5 * chance, (r1, chance)

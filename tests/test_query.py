@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from query_workers import mean_colour, sync_gallery
+from test_train import _tiny_train, one_thread  # noqa: F401  (one_thread: autouse, 1 torch thread)
 from typer.testing import CliRunner
 
 from pedcli.cli import app
@@ -26,7 +27,6 @@ from pedcli.engine.index import FaissIndex, flat_search, top_k
 from pedcli.engine.query import QueryReport, QueryResult, query_gallery, read_queries, text_pipeline
 from pedcli.engine.report import to_html, to_json
 from pedcli.engine.runs import load_run, read_config
-from pedcli.engine.train import train
 from pedcli.errors import PedError
 from pedcli.text.vocab import UNK_ID
 
@@ -35,12 +35,10 @@ QUERY = "w3 w5 w7 w2"
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The global baseline, tiny widths, one epoch per stage on the tiny cache (query mechanics only).
-    TODO(lead): move to conftest.py if the train tests grow a shared trained-run fixture."""
+    """The train tests' tiny baseline run, one epoch per stage (query mechanics only).
+    TODO(lead): a shared trained-run fixture (and `one_thread`) in conftest.py instead of these imports."""
     run = tmp_path_factory.mktemp("query_run") / "run"
-    options = {"pretrained": "none", "embed_dim": 16, "hidden": 8, "word_dim": 8}
-    train("baseline", tiny_cache, run, method_options=options, options={"epochs": 1, "batch_size": 4},
-          progress=False)  # fmt: skip
+    _tiny_train(tiny_cache, run, epochs=1)
     return run
 
 
@@ -160,6 +158,27 @@ def test_concurrent_writers_share_one_store(tiny_cache: Path, tmp_path: Path) ->
     assert all(f.name.split(".")[1] == str(meta["generation"]) for f in store_dir.glob("*.npy"))
 
 
+def test_a_file_unreadable_for_now_is_not_remembered(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    gal = tmp_path / "gallery"
+    files = write_gallery(gal, tiny_cache, 3)
+    real = gallery_mod.load_rgb
+
+    def vanished(path: Path) -> np.ndarray:
+        if path == files[2]:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(gallery_mod, "load_rgb", vanished)
+    cache = GalleryCache(gal, tmp_path / "c", "m")
+    first = cache.sync(None, mean_colour)  # type: ignore[arg-type]
+    assert set(first.paths) == set(files[:2]) and first.skipped == [
+        (files[2], "cannot read the file (Permission denied)")
+    ]
+    monkeypatch.setattr(gallery_mod, "load_rgb", real)
+    again = cache.sync(None, mean_colour)  # type: ignore[arg-type]
+    assert set(again.paths) == set(files) and again.skipped == [] and again.embedded == 1
+
+
 def test_query_uses_the_runs_text_pipeline(trained_run: Path) -> None:
     config = read_config(trained_run)
     pipeline = text_pipeline(trained_run, config)
@@ -218,6 +237,12 @@ def test_explain_views_read_each_methods_layout() -> None:
     assert views(mgel, 2, [])[0].grid[:, 0].argmax() == 1
     mia = {"region_grid": (3, 1), "regions": np.ones((1, 3)), "phrases": np.array([[[0.1, 0.2, 0.7]]])}
     assert views(mia, 1, ["a bag"])[0].phrases[0][:2] == ("a bag", "stripe 3")
+    nafs = {"image_units": ["global", "region 1", "patch 1"], "text_units": ["sentence", "word 1"],
+            "regions": np.array([[0.2, 0.7, 0.1]]),
+            "text_to_image": np.array([[[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]]])}  # fmt: skip
+    (nv,) = views(nafs, 1, [])
+    assert nv.grid is None and nv.label.startswith("the sentence attends to region 1 0.70, global")
+    assert [(t, u) for t, u, _ in nv.phrases] == [("sentence", "region 1"), ("word 1", "patch 1")]
     assert views(None, 2, [])[0].grid is None
 
 
@@ -245,8 +270,9 @@ def test_html_page_is_self_contained(trained_run: Path, tiny_cache: Path, tmp_pa
     page = _Page()
     page.feed(to_html(report))
     assert len(page.having("section", "query")) == 3 and len(page.having("figure", "match")) == 6
-    imgs = page.having("img")
-    assert len(imgs) == 6 and all(a["src"].startswith("data:image/jpeg;base64,") for a in imgs)
+    imgs = page.having("img")  # one per match, plus the attention copy beside the explained one
+    assert len(imgs) == 7 and all(a["src"].startswith("data:image/jpeg;base64,") for a in imgs)
+    assert imgs[1]["alt"] == f"attention on {imgs[0]['alt']}" and imgs[1]["src"] == imgs[0]["src"]
     assert base64.b64decode(imgs[0]["src"].split(",", 1)[1])[:2] == b"\xff\xd8"  # a JPEG
     assert len(page.having("div", "cell")) == 6 and len(page.having("div", "sel")) == 3
     assert not [a for _, a in page.tags if (a.get("href") or "").startswith("http")]
@@ -257,7 +283,7 @@ def test_bad_input_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["query", QUERY, "--gallery", str(tmp_path / "nope"), "--run", str(trained_run)]
     )
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 2 and "nope does not exist" in " ".join(result.output.split())
     with pytest.raises(PedError, match="no query"):
         query_gallery(trained_run, tmp_path, ["  "])
     (tmp_path / "q.txt").write_text("# only a comment\n")

@@ -8,6 +8,8 @@ Methods return different things (pedcli/models/methods/*.py `explain`); the keys
   granularities + stripe_similarity [n_text, n_image, g]    per-stripe cosines (MGEL); the finest is drawn
   phrases + parts: [n_image, n_parts, m]                    weight of each phrase per body part (PMA)
   phrases without parts: [n_image, m, rows]                 weight of each phrase over the stripes (MIA)
+  image_units, text_units + text_to_image [n_image, t, u]    named units, no geometry (NAFS): each text
+                         unit with the image unit it attends to most; regions [n_image, u] the sentence's
 Anything else is ignored: the page then shows the thumbnail alone.
 """
 
@@ -52,10 +54,20 @@ def _grid(expl: dict[str, Any], i: int) -> tuple[np.ndarray | None, np.ndarray |
         finest = max(expl["stripe_similarity"], key=lambda s: s.shape[-1])
         stripes = _array(finest)[0, i]
         return _unit(stripes[:, None]), None, f"similarity of {len(stripes)} stripes"
+    if "regions" in expl and "image_units" in expl:
+        weights = _array(expl["regions"])[i]
+        best = np.argsort(-weights, kind="stable")[:3]
+        top = ", ".join(f"{expl['image_units'][k]} {weights[k]:.2f}" for k in best)
+        return None, None, f"the sentence attends to {top}"
     return None, None, ""
 
 
 def _phrases(expl: dict[str, Any], i: int, phrases: list[str]) -> list[tuple[str, str, float]]:
+    if "text_to_image" in expl and "image_units" in expl:
+        units = [str(u) for u in expl["image_units"]]
+        weights = _array(expl["text_to_image"])[i]  # [text units, image units]
+        pairs = zip(expl["text_units"], weights, strict=True)
+        return [(str(t), units[int(w.argmax())], float(w.max())) for t, w in pairs]
     if "phrases" not in expl:
         return []
     weights = _array(expl["phrases"])[i]

@@ -201,20 +201,24 @@ class GalleryCache:
         row. Unreadable files are skipped and listed, never fatal."""
         encode = encode or _encode_arrays
         paths, shas, skipped = self._hash_files()
+        unread: dict[str, str] = {}  # vanished or unreadable since hashed: skipped now, not remembered
+        embedded = 0
         for _attempt in range(3):  # a concurrent writer pruned rows we counted on: look again
             with self._locked() as store:
-                missing = _missing(shas, store)
+                missing = _missing(shas, store, unread)
                 if not missing:
-                    return self._mapped(store, paths, shas, skipped, 0)
+                    return self._mapped(store, paths, shas, skipped, embedded, unread)
             by_sha = {s: p for p, s in zip(paths, shas, strict=True)}
-            new_feats, new_failed = self._embed(
+            new_feats, new_failed, new_unread = self._embed(
                 [by_sha[s] for s in missing], missing, method, encode, batch_size, log
             )
+            unread |= new_unread
+            embedded += len(new_feats[0]) if new_feats is not None else 0
             with self._locked() as store:
                 self._merge(store, set(shas), new_feats, new_failed)
                 store = self._read()
-                if not _missing(shas, store):
-                    return self._mapped(store, paths, shas, skipped, len(missing) - len(new_failed))
+                if not _missing(shas, store, unread):
+                    return self._mapped(store, paths, shas, skipped, embedded, unread)
         raise PedError(f"the feature cache {self.dir} kept changing under this query", "run the query again")
 
     def _hash_files(self) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
@@ -237,11 +241,13 @@ class GalleryCache:
         encode: Callable[[Method, Sequence[np.ndarray]], Features],
         batch_size: int,
         log: Callable[[str], None],
-    ) -> tuple[tuple[list[str], Features] | None, dict[str, str]]:
-        """Decode and encode `files` a batch at a time; undecodable ones go to `failed` with the reason."""
+    ) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
+        """Decode and encode `files` a batch at a time. Contents that do not decode go to `failed` (kept in
+        the store: reported without decoding again); files that vanished or may not be read to `unread`."""
         done: list[str] = []
         parts: dict[str, list[torch.Tensor]] = {}
         failed: dict[str, str] = {}
+        unread: dict[str, str] = {}
         log(f"embedding {len(files)} new image(s)")
         for s in range(0, len(files), batch_size):
             arrays, ok = [], []
@@ -249,15 +255,16 @@ class GalleryCache:
                 try:
                     arrays.append(load_rgb(f))
                     ok.append(sha)
+                except (FileNotFoundError, PermissionError) as e:
+                    unread[sha] = f"cannot read the file ({e.strerror or e})"
                 except DECODE_ERRORS as e:
                     failed[sha] = f"not a readable image ({type(e).__name__}: {e})"
             if arrays:
                 for k, v in encode(method, arrays).items():
                     parts.setdefault(k, []).append(v)
                 done += ok
-        if not done:
-            return None, failed
-        return (done, {k: stack_padded(v) for k, v in parts.items()}), failed
+        new = (done, {k: stack_padded(v) for k, v in parts.items()}) if done else None
+        return new, failed, unread
 
     def _merge(
         self,
@@ -300,10 +307,12 @@ class GalleryCache:
         shas: list[str],
         skipped: list[tuple[Path, str]],
         embedded: int,
+        unread: dict[str, str],
     ) -> GalleryFeatures:
-        """Each usable path's store row; paths whose content could not be decoded join `skipped`."""
-        bad = [s in store.failed for s in shas]
-        skipped = skipped + [(p, store.failed[s]) for p, s, b in zip(paths, shas, bad, strict=True) if b]
+        """Each usable path's store row; paths whose content could not be decoded or read join `skipped`."""
+        why = store.failed | unread
+        bad = [s in why for s in shas]
+        skipped = skipped + [(p, why[s]) for p, s, b in zip(paths, shas, bad, strict=True) if b]
         keep = [(p, s) for p, s, b in zip(paths, shas, bad, strict=True) if not b]
         wanted = np.array([s for _, s in keep], dtype="S64")
         rows = np.searchsorted(store.shas, wanted).astype(np.int64)
@@ -321,11 +330,11 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def _missing(shas: list[str], store: _Store) -> list[str]:
+def _missing(shas: list[str], store: _Store, unread: dict[str, str]) -> list[str]:
     """Contents of the gallery that the store has neither features nor a decode failure for."""
     wanted = np.unique(np.array(shas, dtype="S64"))
     absent = wanted[~np.isin(wanted, store.shas)].astype(str)
-    return [s for s in absent if s not in store.failed]
+    return [s for s in absent if s not in store.failed and s not in unread]
 
 
 def _encode_arrays(method: Method, arrays: Sequence[np.ndarray]) -> Features:

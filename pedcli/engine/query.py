@@ -27,13 +27,14 @@ from pedcli.engine.explain_view import View, views
 from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, GalleryFeatures, HashMemo, model_key
 from pedcli.engine.index import cached_faiss, cached_norms, choose_index, flat_search
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
+from pedcli.engine.scoring import DEFAULT_PAIR_CHUNK
 from pedcli.errors import PedError
 from pedcli.fileio import sha256_bytes
 from pedcli.models.methods.base import Batch, Features, Method, index_features
 from pedcli.text.pipeline import TextPipeline
 from pedcli.text.vocab import Vocab
 
-DEFAULT_RERANK_TOP = 1000
+DEFAULT_RERANK_TOP = 100
 
 
 @dataclass
@@ -120,8 +121,6 @@ def shortlist_rows(
 @torch.inference_mode()
 def rescore(method: Method, text: Features, image: Features, device: torch.device) -> np.ndarray:
     """Exact scores of one query against each image row (pairs, in chunks of the eval engine's size)."""
-    from pedcli.engine.scoring import DEFAULT_PAIR_CHUNK
-
     n = next(iter(image.values())).shape[0]
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, DEFAULT_PAIR_CHUNK):
@@ -182,39 +181,26 @@ def query_gallery(
     method, config = load_run(run, checkpoint, device=dev)
     pipeline = text_pipeline(run_dir, config)
     root = gallery / CACHE_DIRNAME if cache_dir is None else Path(cache_dir) / gallery_slug(gallery)
-    root.mkdir(parents=True, exist_ok=True)
-    ckpt_memo = HashMemo(root / "checkpoints.json")  # a checkpoint is hashed once, not per query
-    ckpt_sha = ckpt_memo.sha(ckpt.resolve(), str(ckpt.resolve()))
-    ckpt_memo.save()
-    feats = GalleryCache(gallery, root, model_key(ckpt_sha, config)).sync(
-        method, batch_size=batch_size, log=log
-    )
+    feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log)
     kind = choose_index(index, len(feats.rows))
     text, phrases = encode_queries(method, pipeline, queries, dev)
-    by_row: dict[int, list[Path]] = {}
+    shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
+    if len(feats.rows):
+        shortlists = shortlist_rows(feats, text["global"].float().numpy(), max(top, rerank_top), kind)
+    by_row: dict[int, list[Path]] = {}  # files with the same content share a row
     for p, r in zip(feats.paths, feats.rows, strict=True):
         by_row.setdefault(int(r), []).append(p)
     results = []
-    if len(feats.rows):
-        shortlists = shortlist_rows(feats, text["global"].float().numpy(), max(top, rerank_top), kind)
-    else:
-        shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
     for qi, q in enumerate(queries):
         t = index_features(text, slice(qi, qi + 1))
         ranked = rank_query(method, feats, t, shortlists[qi], top, min_score, dev)
         matched = [(p, s, r) for r, s in ranked for p in by_row[r]][:top]
-        shown = (
-            views(method.explain(t, feats.gather([r for _, _, r in matched])), len(matched), phrases[qi])
-            if explain and matched
-            else [View() for _ in matched]
-        )
-        results.append(
-            QueryResult(
-                q,
-                [Match(i + 1, s, p, v) for i, ((p, s, _), v) in enumerate(zip(matched, shown, strict=True))],
-                phrases[qi],
-            )
-        )
+        shown = [View() for _ in matched]
+        if explain and matched:
+            picked = feats.gather(np.array([r for _, _, r in matched]))
+            shown = views(method.explain(t, picked), len(matched), phrases[qi])
+        matches = [Match(i + 1, s, p, v) for i, ((p, s, _), v) in enumerate(zip(matched, shown, strict=True))]
+        results.append(QueryResult(q, matches, phrases[qi]))
     return QueryReport(
         run_dir,
         ckpt,
@@ -226,6 +212,23 @@ def query_gallery(
         results,
         feats.skipped,
     )
+
+
+def gallery_features(
+    method: Method,
+    config: dict[str, Any],
+    checkpoint: Path,
+    gallery: Path,
+    root: Path,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> GalleryFeatures:
+    """The gallery's features under `root`, in the folder of this model (checkpoint content + config)."""
+    root.mkdir(parents=True, exist_ok=True)
+    memo = HashMemo(root / "checkpoints.json")  # a checkpoint is hashed once, not on every query
+    sha = memo.sha(checkpoint.resolve(), str(checkpoint.resolve()))
+    memo.save()
+    return GalleryCache(gallery, root, model_key(sha, config)).sync(method, batch_size=batch_size, log=log)
 
 
 def gallery_slug(gallery: Path) -> str:

@@ -40,7 +40,7 @@ def to_json(report: QueryReport) -> dict[str, Any]:
         "index": report.index,
         "gallery_size": report.gallery_size,
         "embedded": report.embedded,
-        "skipped": [{"path": str(p), "reason": r} for p, r in report.skipped],
+        "skipped": [{"path": str(p.resolve()), "reason": r} for p, r in report.skipped],
         "queries": [
             {
                 "query": res.query,
@@ -84,7 +84,8 @@ def thumbnail_uri(path: Path) -> str:
 
 
 def _overlay(view: View) -> str:
-    """Absolutely placed cells over the thumbnail, tinted by attention; kept regions get an outline."""
+    """Absolutely placed cells over the thumbnail, tinted by attention (squared, so weak cells stay clear);
+    kept regions get an outline."""
     if view.grid is None:
         return ""
     rows, cols = view.grid.shape
@@ -95,7 +96,7 @@ def _overlay(view: View) -> str:
             cells.append(
                 f'<div class="cell{" sel" if sel else ""}" style="top:{100 * r / rows:.3f}%;'
                 f"left:{100 * c / cols:.3f}%;height:{100 / rows:.3f}%;width:{100 / cols:.3f}%;"
-                f'background:rgba(255,40,0,{0.6 * float(view.grid[r, c]):.3f})"></div>'
+                f'background:rgba(255,40,0,{0.55 * float(view.grid[r, c]) ** 2:.3f})"></div>'
             )
     return f'<div class="overlay" title="{html.escape(view.label)}">{"".join(cells)}</div>'
 
@@ -107,9 +108,15 @@ def _card(m: Any, gallery: Path) -> str:
         for p, part, w in view.phrases
     )
     name = html.escape(_shown_path(m.path, gallery))
+    uri = thumbnail_uri(m.path)
+    explained = (  # the image beside its attention, as the papers' figures show them
+        f'<div class="thumb"><img alt="attention on {name}" src="{uri}">{_overlay(view)}</div>'
+        if view.grid is not None
+        else ""
+    )
     return (
         f'<figure class="match"><div class="rank">#{m.rank}</div>'
-        f'<div class="thumb"><img alt="{name}" src="{thumbnail_uri(m.path)}">{_overlay(view)}</div>'
+        f'<div class="thumbs"><div class="thumb"><img alt="{name}" src="{uri}"></div>{explained}</div>'
         f'<figcaption><div class="score">{m.score:.4f}</div><div class="path">{name}</div>'
         f"{f'<div class=label>{html.escape(view.label)}</div>' if view.label else ''}"
         f"{f'<ul class=phrases>{phrases}</ul>' if phrases else ''}</figcaption></figure>"
@@ -119,9 +126,10 @@ def _card(m: Any, gallery: Path) -> str:
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{font-size:20px} h2{font-size:17px;margin-top:28px} .meta{color:#666;font-size:13px}
-.matches{display:flex;flex-wrap:wrap;gap:14px} .match{margin:0;width:150px;background:#fff;
-border:1px solid #ddd;border-radius:6px;padding:8px} .rank{font-weight:bold;font-size:13px}
-.thumb{position:relative;display:inline-block;line-height:0} .thumb img{height:192px;width:auto}
+.matches{display:flex;flex-wrap:wrap;gap:14px} .match{margin:0;min-width:140px;max-width:240px;
+background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px} .rank{font-weight:bold;font-size:13px}
+.thumbs{display:flex;gap:4px} .thumb{position:relative;display:inline-block;line-height:0}
+.thumb img{height:192px;width:auto}
 .overlay{position:absolute;inset:0} .cell{position:absolute;box-sizing:border-box}
 .cell.sel{outline:1px solid #ffd400;outline-offset:-1px}
 .score{font-size:15px;font-weight:bold} .path{font-size:11px;color:#555;word-break:break-all}

@@ -9,7 +9,10 @@ and scheduler states are restored, so an interrupted and resumed run ends with t
 
 Under `torchrun` every rank trains on its share of the identity-balanced batches (DDP, gloo on CPU,
 nccl on CUDA); only rank 0 writes. N ranks × batch B is the same optimisation as one process with
-`accum_steps = N` × batch B.
+`accum_steps = N` × batch B. From the shell (the `--` keeps torchrun from reading `--run` as its own
+`--run-path`):
+
+    torchrun --standalone --nproc_per_node 2 $(which ped) -- train --method baseline --cache C --run R
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class TrainResult:
     run_dir: Path
     best: dict[str, Any]
     history: list[dict[str, Any]]  # the metrics records of the epochs this call trained
+    is_main: bool = True  # rank 0 (the one that writes and reports)
 
 
 @dataclass
@@ -221,7 +225,9 @@ def _train(
     method.to(ctx.device)
     if opts.channels_last:
         method.to(memory_format=torch.channels_last)
-    trainer = _Trainer(method, cache, run_dir, opts, config["seed"], ctx, log, progress)
+    trainer = _Trainer(
+        method, cache, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, log, progress
+    )
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
@@ -231,7 +237,7 @@ def _train(
             state.stage, state.stage_epoch = index, 0
         history += trainer.run_stage(index, stage, state, resume_states)
     log(f"done: best {BEST_METRIC} = {state.best['value']} at epoch {state.best.get('epoch')}")
-    return TrainResult(run_dir, state.best, history)
+    return TrainResult(run_dir, state.best, history, ctx.is_main)
 
 
 class _Trainer:
@@ -241,6 +247,7 @@ class _Trainer:
         self,
         method: Method,
         cache: Path,
+        cache_hash: str,
         run_dir: Path,
         opts: TrainOptions,
         seed: int,
@@ -248,14 +255,14 @@ class _Trainer:
         log: _Log,
         progress: bool,
     ) -> None:
-        self.method, self.cache, self.run_dir, self.opts, self.seed = method, cache, run_dir, opts, seed
+        self.method, self.cache, self.cache_hash, self.run_dir = method, cache, cache_hash, run_dir
+        self.opts, self.seed = opts, seed
         self.ctx, self.log, self.progress = ctx, log, progress
         self.dataset = CaptionDataset(cache, "train", flip_prob=opts.flip_prob)
         self.sampler = IdentityBalancedSampler(
             self.dataset.pids, opts.batch_size, opts.instances_per_id, seed, ctx.rank, ctx.world_size
         )
         self.has_val = len(split_pids(cache, "val")) > 0
-        self.cache_hash = sha256_file(Path(cache) / META)
 
     # ---- one stage --------------------------------------------------------------------------------
     def run_stage(
@@ -296,6 +303,9 @@ class _Trainer:
             record = self._train_epoch(objective, stage, optimizer, scheduler, trunk, state)
             record |= {"stage": stage.name, "stage_index": index, "stage_epoch": state.stage_epoch}
             record |= self._validate()
+            record = self.ctx.broadcast(
+                record
+            )  # rank 0 validated: every rank keeps the same history and best
             if trunk is not None and not history:
                 record["trunk_cache_s"] = trunk_s  # one-off cost (small when the cache is reused)
             self._save(record, state, optimizer, scheduler)

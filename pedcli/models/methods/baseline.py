@@ -73,12 +73,12 @@ class Baseline(Method):
             name for name, w in (("ranking", cfg.ranking_weight), ("identity", cfg.id_weight)) if w
         )
         heads = tuple(name for name, _ in self.named_children() if name != "backbone")
+        epochs = (cfg.frozen_epochs, cfg.full_epochs) if train.epochs is None else (train.epochs,) * 2
+        lrs = (cfg.frozen_lr, cfg.full_lr) if train.lr is None else (train.lr,) * 2
         return [
-            Stage("frozen_cnn", train.epochs if train.epochs is not None else cfg.frozen_epochs,
-                  train.lr or cfg.frozen_lr, losses, trainable=heads, freeze_trunk=True),
-            Stage("all", train.epochs if train.epochs is not None else cfg.full_epochs,
-                  train.lr or cfg.full_lr, losses),
-        ]  # fmt: skip
+            Stage("frozen_cnn", epochs[0], lrs[0], losses, trainable=heads, freeze_trunk=True),
+            Stage("all", epochs[1], lrs[1], losses),
+        ]
 
     def image_trunk(self, batch: Batch) -> torch.Tensor:
         """CNN + global average pooling (parameter-free, so the frozen-trunk cache stores one vector)."""

@@ -25,6 +25,12 @@ is always the backbone's stride-16 stage, the last map its stride-32 stage); b =
 given; 1 matches the identity mapping the paper uses in eqs. 12–13); the ranking margin α = 0.2; eq. 8's
 scalar word scores use a learned context vector (as in the hierarchical attention networks it cites);
 ReLU after FC1 and between FC2 and FC3 ("ReLU between full-connection layers", sec. 4.2).
+
+Not in the paper, off by default: `normalize` ranks unit-length features (D in [0, 2], so α has a fixed
+scale and the engine's cosine shortlist equals the exact ranking; on the synthetic benchmark the raw
+features' distances grow during classification and the ranking stage learns far worse without it), and
+`stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached backbone maps: fast on a CPU). The
+engine's optimiser is Adam for every method; the paper uses SGD with momentum 0.5 / 0.9.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class HANConfig:
     ranking: str = "similarity"  # "similarity" (eq. 15) | "plain" (eq. 14) | "none" (Table 5)
     classification: bool = True  # eq. 20 in stage 2 (Table 5); stage 1 needs it
     margin: float = 0.2  # α of eqs. 14–15 (not given in the paper)
+    normalize: bool = False  # True: L2-normalise g before distances (not in the paper; bounds D to [0, 2])
     beta: float = 1.0  # β of eq. 15
     rank_directions: str = "t2i"  # "t2i": eq. 15's second sum only, as the paper trains; "both"
     gamma_rank: float = 1.0  # γ1 of eq. 21 in stage 2
@@ -233,12 +240,17 @@ class HAN(Method):
         return self.fc2(self.cross_modal(q)), alpha
 
     # ---- embeddings -------------------------------------------------------------------------------
+    def metric_space(self, g: Tensor) -> Tensor:
+        """The features whose Euclidean distance ranks: g itself (the paper), or g on the unit sphere."""
+        return F.normalize(g, dim=1) if self.cfg.normalize else g
+
     def encode_images(self, batch: Batch) -> Features:
         g, spatial = self.image_semantic(self.trunk_output(batch))
-        return {"global": g} if spatial is None else {"global": g, "spatial_attention": spatial}
+        feats = {"global": self.metric_space(g)}
+        return feats if spatial is None else feats | {"spatial_attention": spatial}
 
     def encode_texts(self, batch: Batch) -> Features:
-        return {"global": self.text_semantic(batch)[0]}
+        return {"global": self.metric_space(self.text_semantic(batch)[0])}
 
     def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
         """−D(g_T, g_I) for every pair (sec. 3.4.1's Euclidean distance; higher is more similar)."""
@@ -262,8 +274,8 @@ class HAN(Method):
             out["cls"] = cfg.gamma_cls * cls
         if "rank" in stage.losses:
             rank = similarity_ranking_loss(
-                gi,
-                gt,
+                self.metric_space(gi),
+                self.metric_space(gt),
                 batch["pid"],
                 cfg.margin,
                 cfg.beta,

@@ -170,9 +170,7 @@ class MGEL(Method):
         if not cfg.warmup_epochs:
             return [joint]
         heads = tuple(name for name, _ in self.named_children() if name != "backbone")
-        warmup = Stage(
-            "warmup", epochs(cfg.warmup_epochs), lr, losses, trainable=heads, freeze_trunk=True
-        )
+        warmup = Stage("warmup", epochs(cfg.warmup_epochs), lr, losses, trainable=heads, freeze_trunk=True)
         return [warmup, joint]
 
     # ---- image path -------------------------------------------------------------------------------
@@ -220,9 +218,9 @@ class MGEL(Method):
         return self.gcp(parts) if self.cfg.gcp else parts.mean(1)
 
     def _features(self, parts: list[Tensor]) -> Features:
-        """ "global": the granularities' embeddings, each L2-normalised, concatenated and scaled to unit
-        norm (sec. 3.3; a dot product of two is the mean of the per-granularity cosines).
-        "parts": every stripe / text part [B, Σn, c] for `explain`."""
+        """The stored features: "global" = the granularities' embeddings, each L2-normalised,
+        concatenated and scaled to unit norm (sec. 3.3; a dot product of two is the mean of the
+        per-granularity cosines); "parts" = every stripe / text part [B, Σn, c], for `explain`."""
         globals_ = [F.normalize(self.aggregate(p), dim=1) for p in parts]
         return {
             "global": torch.cat(globals_, dim=1) / math.sqrt(len(globals_)),
@@ -248,26 +246,18 @@ class MGEL(Method):
         image_parts = self.image_parts(self.trunk_output(batch))
         text_parts, _ = self.text_parts(batch)
         pids, labels = batch["pid"], batch["label"]
-        total: dict[str, Tensor] = {}
-
-        def add(name: str, value: Tensor) -> None:
-            total[name] = total[name] + value if name in total else value
-
+        terms: dict[str, list[Tensor]] = {name: [] for name in stage.losses}
         for k, (v, z) in enumerate(zip(image_parts, text_parts, strict=True)):
             gv, gz = self.aggregate(v), self.aggregate(z)
-            if "triplet" in stage.losses:  # eq. 10, cosine, hardest negatives of the batch
-                add(
-                    "triplet",
-                    triplet_hardest(
-                        F.normalize(gz, dim=1) @ F.normalize(gv, dim=1).t(), pids, self.cfg.margin
-                    ),
-                )
-            if "identity" in stage.losses:  # eq. 11, one softmax layer for both modalities
+            if "triplet" in terms:  # eq. 10, cosine, hardest negatives of the batch
+                sim = F.normalize(gz, dim=1) @ F.normalize(gv, dim=1).t()
+                terms["triplet"].append(triplet_hardest(sim, pids, self.cfg.margin))
+            if "identity" in terms:  # eq. 11, one softmax layer for both modalities
                 head = self.classifiers[k]
-                add("identity", identity_loss(head(gv), labels) + identity_loss(head(gz), labels))
-            if "pal" in stage.losses:  # eqs. 3–9
-                add("pal", part_alignment_loss(v, z, self.aggregate, pids, self.cfg.margin))
-        return total
+                terms["identity"].append(identity_loss(head(gv), labels) + identity_loss(head(gz), labels))
+            if "pal" in terms:  # eqs. 3–9
+                terms["pal"].append(part_alignment_loss(v, z, self.aggregate, pids, self.cfg.margin))
+        return {name: torch.stack(values).sum() for name, values in terms.items()}
 
     # ---- explanation ------------------------------------------------------------------------------
     def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:

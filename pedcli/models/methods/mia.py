@@ -38,11 +38,14 @@ text path with them, RGA is guided by them and the two-stage shortlist ranks by 
 
 Scoring all pairs reduces each attention to dot products (one matrix product of text units with image
 units per kind) and [units × parts]-sized work per pair; aggregated vectors are never formed (their
-norms come from Gram matrices, see `_attended_cosine` in pma.py).
+norms come from Gram matrices, see `_attended_cosine` in pma.py). What depends on one item alone is
+stored with it (`unit_features`): the parts' and phrases' Gram matrices and the MLP outputs, already
+L2-normalised, so re-scoring a shortlist pair by pair does no per-item work again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +75,7 @@ SCORES = ("fused", "global", "relation", "local")  # s_F, s_G, s_R, s_L (Table I
 SCHEDULES = ("step", "together")
 STEP1_OBJECTIVES = ("id", "mat", "id+mat")  # Table V
 STEP2_OBJECTIVES = ("mat", "id+mat")
+# Text features with one row per phrase slot, [B, M, ...] ("phrases_gram" is [B, M, M]).
 PHRASE_KEYS = ("phrases", "phrases_mask", "rga_phrases", "bfm_phrases")
 # Largest [text, image, units, parts] intermediate of one `similarity` call, in elements: texts are
 # scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
@@ -176,13 +180,28 @@ def word_spans(lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return torch.stack([start, start + 1], dim=-1), lengths.clamp(max=width)
 
 
+def unit_features(units: Tensor, name: str, mlps: dict[str, Callable[[Tensor], Tensor]]) -> Features:
+    """What scoring reads of a set of units (parts or phrases) [B, K, d]: the units, their Gram matrix
+    `<name>_gram` [B, K, K] (the norm of any weighted sum of them, their own norms on the diagonal) and
+    each MLP's output `<prefix>_<name>`, L2-normalised since it enters only through cosines. Computed
+    once per item here rather than once per (text, image) pair when scoring."""
+    feats = {name: units, f"{name}_gram": units @ units.transpose(1, 2)}
+    return feats | {f"{prefix}_{name}": F.normalize(mlp(units), dim=-1) for prefix, mlp in mlps.items()}
+
+
 def _trim_units(text: Features) -> Features:
     """Drop phrase columns no text of this chunk uses (padding sized for the longest caption)."""
     if "phrases_mask" not in text:
         return text
     used = text["phrases_mask"].any(0).nonzero()
     n = int(used.max()) + 1 if used.numel() else 1
-    return {k: v[:, :n] if k in PHRASE_KEYS else v for k, v in text.items()}
+    out = {k: v[:, :n] if k in PHRASE_KEYS else v for k, v in text.items()}
+    return out | {"phrases_gram": text["phrases_gram"][:, :n, :n]}
+
+
+def _diag_norms(gram: Tensor) -> Tensor:
+    """The units' norms [B, K] from their Gram matrix [B, K, K] (floored: padding units are zero)."""
+    return gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().clamp(min=1e-8)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -274,18 +293,17 @@ class MIA(Method):
         last = self.backbone(batch["image"])[-1]
         return last.mean(dim=(2, 3)), stripe_pool(last, self.cfg.parts)
 
+    def _mlps(self, side: str) -> dict[str, Callable[[Tensor], Tensor]]:
+        """The enabled modules' MLPs of one side ("part_mlp" or "text_mlp"), by module name."""
+        return {name: getattr(getattr(self, name), side) for name in ("rga", "bfm") if hasattr(self, name)}
+
     def encode_images(self, batch: Batch) -> Features:
-        """Features: "global" I [B, d]; with RGA or BFM "parts" P_i [B, n, d]; "rga_parts" MLP-V-RGA(P_i) and
-        "bfm_parts" MLP-V-BFM(P_i) [B, n, d] (the MLP outputs depend on the image alone: stored once)."""
+        """Features: "global" I [B, d]; with RGA or BFM the parts P_i "parts" [B, n, d], "parts_gram"
+        [B, n, n] and the unit-length outputs of MLP-V-RGA / MLP-V-BFM "rga_parts" / "bfm_parts"."""
         pooled, stripes = self.trunk_output(batch)
         feats = {"global": self.image_fc(pooled.float())}
         if self.cfg.local:
-            parts = self.part_conv(stripes.float())
-            feats["parts"] = parts
-            if self.cfg.relation:
-                feats["rga_parts"] = self.rga.part_mlp(parts)
-            if self.cfg.fine:
-                feats["bfm_parts"] = self.bfm.part_mlp(parts)
+            feats |= unit_features(self.part_conv(stripes.float()), "parts", self._mlps("part_mlp"))
         return feats
 
     # ---- text path --------------------------------------------------------------------------------
@@ -306,18 +324,15 @@ class MIA(Method):
         return cut.unflatten(vectors, b, m)
 
     def encode_texts(self, batch: Batch) -> Features:
-        """Features: "global" T (eq. 3); with RGA or BFM "phrases" N_j (eq. 5) [B, M, d] with "phrases_mask"
-        [B, M], and the MLP outputs "rga_phrases" / "bfm_phrases" [B, M, d]."""
+        """Features: "global" T (eq. 3); with RGA or BFM the noun phrases N_j (eq. 5) "phrases" [B, M, d]
+        (zero at padding), "phrases_mask" [B, M], "phrases_gram" [B, M, M] and the unit-length outputs
+        of MLP-T-RGA / MLP-T-BFM "rga_phrases" / "bfm_phrases"."""
         _, sentence, _ = self.text(batch["tokens"], batch["lengths"])
         feats = {"global": self.sentence_fc(sentence)}
         if self.cfg.local:
             vectors, mask = self.unit_vectors(batch)
             phrases = self.phrase_fc(vectors) * mask[..., None]
-            feats["phrases"], feats["phrases_mask"] = phrases, mask
-            if self.cfg.relation:
-                feats["rga_phrases"] = self.rga.text_mlp(phrases)
-            if self.cfg.fine:
-                feats["bfm_phrases"] = self.bfm.text_mlp(phrases)
+            feats |= unit_features(phrases, "phrases", self._mlps("text_mlp")) | {"phrases_mask": mask}
         return feats
 
     # ---- the five similarities ----------------------------------------------------------------------
@@ -326,34 +341,32 @@ class MIA(Method):
         t_hat = F.normalize(text["global"], dim=-1)[:, None]  # [nt, 1, d]
         i_hat = F.normalize(image["global"], dim=-1)[:, None]  # [ni, 1, d]
         parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
-        v = torch.softmax(_cross(t_hat, F.normalize(image["rga_parts"], dim=-1), pairwise), -1)  # eq. 6
-        dots = _cross(t_hat, parts, pairwise)  # P_i · T̂, [..., 1, n]
-        gram = _per_image(parts @ parts.transpose(1, 2), pairwise)
-        s_i = _attended_cosine(v, dots, gram)[..., 0]  # eqs. 7–8
-        rel = _cross(F.normalize(text["rga_phrases"], dim=-1), i_hat, pairwise).transpose(-1, -2)
+        v = torch.softmax(_cross(t_hat, image["rga_parts"], pairwise), -1)  # eq. 6, [..., 1, n]
+        dots = _cross(t_hat, parts, pairwise)  # P_i · T̂
+        s_i = _attended_cosine(v, dots, _per_image(image["parts_gram"], pairwise))[..., 0]  # eqs. 7–8
+        rel = _cross(text["rga_phrases"], i_hat, pairwise).transpose(-1, -2)
         c = masked_softmax(rel, _per_text(mask, pairwise)[..., None, :])  # eq. 9, [..., 1, M]
         dots = _cross(phrases, i_hat, pairwise).transpose(-1, -2)  # N_j · Î
-        gram = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
-        s_t = _attended_cosine(c, dots, gram)[..., 0]  # eqs. 10–11
+        s_t = _attended_cosine(c, dots, _per_text(text["phrases_gram"], pairwise))[..., 0]  # eqs. 10–11
         return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
 
     def _fine(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
         """BFM: s_P with α (eqs. 12–14, phrases attend over parts) and s_N with β (eqs. 15–17, parts
         attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
         parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
-        cos = _cross(F.normalize(text["bfm_phrases"], dim=-1), F.normalize(image["bfm_parts"], dim=-1),
-                     pairwise)  # fmt: skip  # [..., M, n]
-        raw = _cross(phrases, parts, pairwise)  # N_j · P_k, [..., M, n]
-        n_norm = _per_text(phrases.norm(dim=-1), pairwise)[..., :, None].clamp(min=1e-8)
-        p_norm = _per_image(parts.norm(dim=-1), pairwise)[..., None, :].clamp(min=1e-8)
+        gram_n, gram_p = text["phrases_gram"], image["parts_gram"]
+        cos = _cross(text["bfm_phrases"], image["bfm_parts"], pairwise)  # [..., M, n]
+        raw = _cross(phrases, parts, pairwise)  # N_j · P_k
+        n_norm = _per_text(_diag_norms(gram_n), pairwise)[..., :, None]
+        p_norm = _per_image(_diag_norms(gram_p), pairwise)[..., None, :]
         alpha = torch.softmax(cos, dim=-1)  # eq. 13
-        gram_p = _per_image(parts @ parts.transpose(1, 2), pairwise)
-        per_phrase = _attended_cosine(alpha, raw / n_norm, gram_p)  # cos(Ĩ_j, N_j), eq. 12
+        # cos(Ĩ_j, N_j) of eq. 12, from N̂_j · P_k
+        per_phrase = _attended_cosine(alpha, raw / n_norm, _per_image(gram_p, pairwise))
         m = _per_text(mask, pairwise)
         s_p = _masked_mean(per_phrase, m)  # eq. 14
         beta = masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
-        gram_n = _per_text(phrases @ phrases.transpose(1, 2), pairwise)
-        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n)  # cos(T̃_i, P_i), eq. 15
+        # cos(T̃_i, P_i) of eq. 15, from N_k · P̂_i
+        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), _per_text(gram_n, pairwise))
         return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
 
     def components(

@@ -179,12 +179,11 @@ def coarse_attention(s: Tensor, mode: str = "hard", top_m: int = 10) -> Tensor:
     return (q >= tau * (1 - 1e-6)).to(s.dtype)
 
 
-def attend_by_cosine(queries: Tensor, values: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Eqs. 10–11 for one item: α = softmax_i cos(query, value_i), output Σ_i α_i value_i.
-    queries [B, K, b], values [B, N, b] (mask [B, N]) → ([B, K, b], α [B, K, N])."""
+def attend_by_cosine(queries: Tensor, values: Tensor) -> Tensor:
+    """Eqs. 10–11 per item: α = softmax_i cos(query, value_i), output Σ_i α_i value_i.
+    queries [B, K, b], values [B, N, b] → [B, K, b]."""
     cos = F.normalize(queries, dim=-1) @ F.normalize(values, dim=-1).transpose(1, 2)
-    alpha = masked_softmax(cos, None if mask is None else mask[:, None, :])
-    return alpha @ values, alpha
+    return torch.softmax(cos, dim=-1) @ values
 
 
 # ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
@@ -213,7 +212,7 @@ def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor) -> Tensor:
     [..., N, N], without forming the attended vectors (which would be [pairs, K, b])."""
     num = (weights * dots).sum(-1)
     sq_norm = ((weights @ gram) * weights).sum(-1)
-    return num / sq_norm.clamp(min=0).sqrt().clamp(min=_EPS)
+    return num / sq_norm.clamp(min=_EPS**2).sqrt()  # clamped before the root: no infinite gradient at 0
 
 
 def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,7 +327,7 @@ class PMA(Method):
             fa_regions = self.fa_region_fc(regions.flatten(1, 2))
             if self.cfg.fa_pose:
                 parts = self.pose_parts(batch)
-                attended = attend_by_cosine(parts, fa_regions)[0]
+                attended = attend_by_cosine(parts, fa_regions)
                 feats["parts"], feats["fa_parts"] = F.normalize(parts, dim=-1), F.normalize(attended, dim=-1)
                 raw["parts"], raw["fa_id"] = parts, attended.mean(1)
             else:
