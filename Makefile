@@ -13,7 +13,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo bench bench-preprocess bench-train bench-query clean-demo
+# Small models run much faster on one thread per process, and CI has 2 shared cores.
+export OMP_NUM_THREADS ?= 1
+DEMO_METHOD ?= mgel
+DEMO_EPOCHS ?= 12
+
+.PHONY: setup test lint demo bench bench-preprocess bench-train bench-eval bench-scoring bench-query bench-backbone clean-demo
 
 setup: $(STAMP)
 
@@ -34,14 +39,31 @@ test: setup lint
 
 demo: setup
 	$(VENV)/bin/ped synth --out $(DEMO)/synth --identities 120 --seed 0 --preview $(DEMO)/synth-preview.png
-	$(VENV)/bin/ped preprocess --dataset synth --root $(DEMO)/synth --out $(DEMO)/cache --pose-source annotations
+	$(VENV)/bin/ped preprocess --dataset synth --root $(DEMO)/synth --out $(DEMO)/cache --pose-source annotations --image-size 128x64
 	$(VENV)/bin/ped preprocess --check $(DEMO)/cache
+	test -f $(DEMO)/runs/$(DEMO_METHOD)/checkpoints/best.pt || $(VENV)/bin/ped train --method $(DEMO_METHOD) --cache $(DEMO)/cache --run $(DEMO)/runs/$(DEMO_METHOD) --epochs $(DEMO_EPOCHS) --seed 0 $(if $(wildcard $(DEMO)/runs/$(DEMO_METHOD)),--resume,)
+	$(VENV)/bin/ped eval --run $(DEMO)/runs/$(DEMO_METHOD) --split test --out $(DEMO)/metrics.json
+	$(VENV)/bin/ped query "a man in a white long coat and beige pants" "a woman with a black backpack" --gallery $(DEMO)/synth/imgs --run $(DEMO)/runs/$(DEMO_METHOD) --top 5 --html $(DEMO)/query.html
+
+bench: bench-preprocess bench-train bench-eval bench-scoring bench-query
 
 bench-preprocess: setup
 	$(PY) benchmarks/bench_preprocess.py
 
-bench: setup
-	$(PY) benchmarks/bench_preprocess.py
+bench-train: setup
+	$(PY) benchmarks/bench_train.py
+
+bench-eval: setup
+	$(PY) benchmarks/bench_eval.py --extras
+
+bench-scoring: setup
+	$(PY) benchmarks/bench_scoring.py
+
+bench-query: setup
+	$(PY) benchmarks/bench_query.py
+
+bench-backbone: setup
+	$(PY) benchmarks/bench_backbone.py
 
 clean-demo:
 	rm -rf $(DEMO)

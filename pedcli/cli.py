@@ -234,7 +234,11 @@ def evaluate_cmd(
     rerank_top: int | None = typer.Option(
         None, "--rerank-top", min=1, help="Two-stage: score exactly only each query's K best by cosine."
     ),
-    rerank: str | None = typer.Option(None, "--rerank", help="Re-rank text→image: rvn or kreciprocal."),
+    rerank: str = typer.Option(
+        "auto",
+        "--rerank",
+        help="Re-rank text→image: auto (the method's own: RVN for NAFS), none, rvn, kreciprocal.",
+    ),
     out: Path | None = typer.Option(None, "--out", help="Also write the metrics as JSON here."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Items per encoder call (with --cache)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),

@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from pedcli.data.cache import CACHE_FORMAT, META, part_path
 from pedcli.data.schema import KEYPOINTS, SPLIT_CODE
@@ -88,3 +89,37 @@ def write_tiny_cache(out: Path, *, with_pose: bool = True, seed: int = 0) -> Pat
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only tiny cache with pose maps, shared by the whole session (do not modify it)."""
     return write_tiny_cache(tmp_path_factory.mktemp("tiny_cache"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models train faster on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic benchmark for learning tests: 80 people (48 train / 12 val / 20 test), 128×64 images,
+    pose maps from the annotated keypoints (PMA reads them; other methods ignore them). Read-only."""
+    from pedcli.data.synth import generate
+    from pedcli.engine.preprocess import PreprocessOptions, run_preprocess
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root / "raw", identities=80, seed=0, split_fractions=(0.6, 0.15, 0.25), progress=False)
+    opts = PreprocessOptions(image_size=(128, 64), pose_source="annotations", workers=1)
+    run_preprocess("synth", root / "raw", root / "cache", opts)
+    return root / "cache"
+
+
+TINY_BASELINE = {"embed_dim": 32, "hidden": 16, "word_dim": 16}
+
+
+def tiny_train(cache: Path, run: Path, **options):
+    """A tiny baseline run (2 epochs unless told otherwise) for engine and query mechanics."""
+    from pedcli.engine.train import train
+
+    opts = {"epochs": 2, "batch_size": 8} | options
+    return train("baseline", cache, run, method_options=TINY_BASELINE, options=opts, seed=3, progress=False)

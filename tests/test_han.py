@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from method_batch import TINY_INFO, heldout_r1, repad, tiny_batch
-from test_train import one_thread, synth_cache  # noqa: F401  (shared fixtures: one thread is autouse)
 
 from pedcli.engine.train import train
 from pedcli.errors import PedError

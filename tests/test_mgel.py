@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_batch import TINY_INFO, heldout_r1, repad, tiny_batch
-from test_train import one_thread, synth_cache  # noqa: F401  (shared fixtures: one thread is autouse)
 
 from pedcli.engine.train import train
 from pedcli.errors import PedError

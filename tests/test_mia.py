@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_batch import TINY_INFO, repad, tiny_batch
-from test_train import one_thread, synth_cache  # noqa: F401  (the baseline's learning-test fixtures)
 
 from pedcli.engine.embed import encode_split
 from pedcli.engine.metrics import retrieval_metrics

@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_batch import TINY_INFO, heldout_r1, tiny_batch
-from test_train import one_thread, synth_cache  # noqa: F401  (shared fixtures: one torch thread, the benchmark)
 
 from pedcli.data.schema import KEYPOINTS
-from pedcli.engine.preprocess import PreprocessOptions, run_preprocess
 from pedcli.engine.train import train
 from pedcli.errors import PedError
 from pedcli.models.methods import pma
@@ -302,25 +300,16 @@ def test_tau_is_one_over_the_number_of_regions() -> None:
 
 
 # ---- learning -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_pose_cache(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """The shared synthetic benchmark preprocessed again, with pose maps drawn from its keypoints."""
-    out = tmp_path_factory.mktemp("synth_pose") / "cache"
-    opts = PreprocessOptions(image_size=(128, 64), pose_source="annotations", workers=1)
-    run_preprocess("synth", synth_cache.parent / "raw", out, opts)
-    return out
-
-
 @pytest.mark.slow
-def test_pma_learns_on_the_synthetic_benchmark(synth_pose_cache: Path, tmp_path: Path) -> None:
+def test_pma_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Path) -> None:
     # step 1 of the schedule alone (cached MobileNetV2 maps), as the baseline's learning test does:
     # ~25 s of CPU for 30 epochs
     options = {"embed_dim": 64, "hidden": 64, "word_dim": 64, "pose_widths": (8, 16, 32, 32),
                "frozen_epochs": 30, "frozen_lr": 3e-3, "full_epochs": 0}  # fmt: skip
-    result = train("pma", synth_pose_cache, tmp_path / "run", method_options=options,
+    result = train("pma", synth_cache, tmp_path / "run", method_options=options,
                    options={"batch_size": 16}, seed=0, progress=False)  # fmt: skip
     first, last = result.history[0]["losses"], result.history[-1]["losses"]
     assert last["ca_ranking"] < 0.5 * first["ca_ranking"] and last["fa_ranking"] < 0.5 * first["fa_ranking"]
     assert last["part"] < 0.5 * first["part"]  # the six part maps are told apart (eq. 18)
-    r1, chance = heldout_r1(tmp_path / "run", synth_pose_cache)
+    r1, chance = heldout_r1(tmp_path / "run", synth_cache)
     assert r1 >= 5 * chance, (r1, chance)  # measured 6.8x chance (37.1 % vs 5.5 %) with this seed

@@ -12,9 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import tiny_train
 from PIL import Image
 from query_workers import mean_colour, sync_gallery
-from test_train import _tiny_train, one_thread  # noqa: F401  (one_thread: autouse, 1 torch thread)
 from typer.testing import CliRunner
 
 from pedcli.cli import app
@@ -38,7 +38,7 @@ def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The train tests' tiny baseline run, one epoch per stage (query mechanics only).
     TODO(lead): a shared trained-run fixture (and `one_thread`) in conftest.py instead of these imports."""
     run = tmp_path_factory.mktemp("query_run") / "run"
-    _tiny_train(tiny_cache, run, epochs=1)
+    tiny_train(tiny_cache, run, epochs=1)
     return run
 
 

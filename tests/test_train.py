@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_BASELINE, tiny_train
 from typer.testing import CliRunner
 
 from pedcli.cli import app
@@ -29,17 +30,7 @@ from pedcli.errors import PedError
 from pedcli.models.methods import TrainConfig, create_method
 from pedcli.models.methods.baseline import BaselineConfig
 
-TINY = {"embed_dim": 32, "hidden": 16, "word_dim": 16}
 TIME_KEYS = ("train_time_s", "val_time_s", "samples_per_s", "trunk_cache_s")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train faster on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -47,28 +38,11 @@ def _metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
 
 
-def _tiny_train(cache: Path, run: Path, **options) -> train_mod.TrainResult:
-    opts = {"epochs": 2, "batch_size": 8} | options
-    return train("baseline", cache, run, method_options=TINY, options=opts, seed=3, progress=False)
-
-
 # ---- learning on the synthetic benchmark ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pedcli.data.synth import generate
-    from pedcli.engine.preprocess import PreprocessOptions, run_preprocess
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root / "raw", identities=80, seed=0, split_fractions=(0.6, 0.15, 0.25), progress=False)
-    opts = PreprocessOptions(image_size=(128, 64), pose_source="none", workers=1)
-    run_preprocess("synth", root / "raw", root / "cache", opts)
-    return root / "cache"
-
-
 @pytest.mark.slow
 def test_baseline_learns_and_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    method_options = TINY | {
+    method_options = TINY_BASELINE | {
         "embed_dim": 64,
         "hidden": 64,
         "word_dim": 64,
@@ -113,13 +87,13 @@ def reference_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """An uninterrupted 2 + 2 epoch run (frozen trunk, then everything) on the tiny cache."""
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("ref") / "run"
-    _tiny_train(tiny_cache, run)
+    tiny_train(tiny_cache, run)
     return run
 
 
 def test_run_folder_layout(reference_run: Path) -> None:
     config = json.loads((reference_run / "config.json").read_text())
-    assert config["method_config"] == json.loads(json.dumps(BaselineConfig(**TINY).__dict__))
+    assert config["method_config"] == json.loads(json.dumps(BaselineConfig(**TINY_BASELINE).__dict__))
     assert config["train"]["epochs"] == 2 and config["seed"] == 3
     assert [s["freeze_trunk"] for s in config["stages"]] == [True, False]
     assert json.loads((reference_run / "vocab.json").read_text())[:2] == ["<pad>", "<unk>"]
@@ -148,7 +122,7 @@ def test_resume_gives_the_uninterrupted_result(
     run = tmp_path / "run"
     monkeypatch.setattr(train_mod._Trainer, "_save", save_then_stop)
     with pytest.raises(_Interrupt):
-        _tiny_train(tiny_cache, run)
+        tiny_train(tiny_cache, run)
     monkeypatch.undo()
     assert len(_metrics(run)) == stop_after
 
@@ -162,7 +136,7 @@ def test_resume_gives_the_uninterrupted_result(
 
 def test_refuses_to_overwrite_and_to_change_a_resumed_config(tiny_cache: Path, reference_run: Path) -> None:
     with pytest.raises(PedError, match="already exists") as err:
-        _tiny_train(tiny_cache, reference_run)
+        tiny_train(tiny_cache, reference_run)
     assert "--resume" in err.value.hint
     with pytest.raises(PedError, match="lr: saved None, given 0.5"):
         train(None, None, reference_run, options={"lr": 0.5}, resume=True, progress=False)
@@ -193,7 +167,7 @@ train("baseline", sys.argv[1], sys.argv[2], method_options={tiny}, seed=3, progr
 def test_two_processes_match_one_process_with_accumulation(tiny_cache: Path, tmp_path: Path) -> None:
     """2 ranks × batch B == 1 process accumulating 2 batches of B (same batches, averaged gradients)."""
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(tiny=TINY))
+    script.write_text(DDP_SCRIPT.format(tiny=TINY_BASELINE))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
@@ -223,7 +197,7 @@ def test_two_processes_match_one_process_with_accumulation(tiny_cache: Path, tmp
 # ---- frozen-trunk cache -----------------------------------------------------------------------------
 def test_trunk_cache_gives_the_losses_of_the_live_trunk(tiny_cache: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    method = create_method("baseline", data_info(tiny_cache), TINY)
+    method = create_method("baseline", data_info(tiny_cache), TINY_BASELINE)
     stage = method.stages(TrainConfig())[0]
     assert stage.freeze_trunk
     set_trainable(method, stage)
@@ -254,12 +228,12 @@ def test_trunk_cache_gives_the_losses_of_the_live_trunk(tiny_cache: Path, tmp_pa
 def test_baseline_ablation_switches(tiny_cache: Path) -> None:
     """Base-LSTM (forward state only) and no identity loss: PMA Table 2 / loss ablations."""
     method = create_method(
-        "baseline", data_info(tiny_cache), TINY | {"bidirectional": False, "id_weight": 0.0}
+        "baseline", data_info(tiny_cache), TINY_BASELINE | {"bidirectional": False, "id_weight": 0.0}
     )
     stages = method.stages(TrainConfig(epochs=1, lr=0.01))
     assert [(s.epochs, s.lr, s.losses) for s in stages] == [(1, 0.01, ("ranking",))] * 2
     batch = collate([CaptionDataset(tiny_cache, "train")[i] for i in range(8)])
-    assert method.text_fc.in_features == TINY["hidden"]
+    assert method.text_fc.in_features == TINY_BASELINE["hidden"]
     assert set(method.losses(batch, stages[0])) == {"ranking"}
 
 

@@ -149,6 +149,15 @@ def _check_embeddings_match(path: Path, attrs: dict[str, Any], config: dict[str,
         )
 
 
+def _resolve_rerank(method: Method, rerank: str | None) -> tuple[str | None, dict[str, Any]]:
+    """'auto' = the method's own post-processing (NAFS: RVN, its eq. 8), 'none' = no re-ranking."""
+    if rerank == "auto":
+        return getattr(method, "default_rerank", None), dict(getattr(method, "rerank_options", {}))
+    if rerank in (None, "none"):
+        return None, {}
+    return rerank, {}
+
+
 def evaluate_run(
     run: str | Path,
     *,
@@ -157,7 +166,7 @@ def evaluate_run(
     embeddings: str | Path | None = None,
     checkpoint: str = "best",
     rerank_top: int | None = None,
-    rerank: str | None = None,
+    rerank: str | None = "auto",
     device: str | None = None,
     batch_size: int = 64,
 ) -> Metrics:
@@ -168,6 +177,7 @@ def evaluate_run(
     run_dir, ckpt = resolve_checkpoint(run, checkpoint)
     dev = resolve_device(device)
     method, config = load_run(run, checkpoint, device=dev)
+    rerank_name, rerank_options = _resolve_rerank(method, rerank)
     if embeddings is not None:
         _, _, emb = load_embeddings(embeddings)
         _check_embeddings_match(Path(embeddings), emb.attrs, config, ckpt)
@@ -183,7 +193,8 @@ def evaluate_run(
         torch.from_numpy(emb.text_pid),
         torch.from_numpy(emb.image_pid),
         rerank_top,
-        rerank,
+        rerank_name,
+        rerank_options=rerank_options,
     )
     context = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "method": config["method"]}
     return context | source | result
