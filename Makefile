@@ -15,8 +15,8 @@ export TOKENIZERS_PARALLELISM := false
 
 # Small models run much faster on one thread per process, and CI has 2 shared cores.
 export OMP_NUM_THREADS ?= 1
-DEMO_METHOD ?= mgel
-DEMO_EPOCHS ?= 12
+DEMO_METHOD ?= han
+DEMO_EPOCHS ?= 3
 
 .PHONY: setup test lint demo bench bench-preprocess bench-train bench-eval bench-scoring bench-query bench-backbone clean-demo
 

@@ -35,8 +35,7 @@ QUERY = "w3 w5 w7 w2"
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The train tests' tiny baseline run, one epoch per stage (query mechanics only).
-    TODO(lead): a shared trained-run fixture (and `one_thread`) in conftest.py instead of these imports."""
+    """The train tests' tiny baseline run, one epoch per stage (query mechanics only)."""
     run = tmp_path_factory.mktemp("query_run") / "run"
     tiny_train(tiny_cache, run, epochs=1)
     return run

@@ -32,8 +32,8 @@ IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: no identity label out
 
 Item = dict[str, Any]
 
-# text.h5 dataset → batch key; the bert_* rows are absent from caches built without a BERT tokenizer
-_TEXT_KEYS = {
+# text.h5 dataset → batch key (query uses it too); no bert_* rows in caches built without BERT
+TEXT_BATCH_KEYS = {
     "tokens": "tokens",
     "length": "lengths",
     "phrases": "phrases",
@@ -153,7 +153,7 @@ class _TextRows:
             self.image_index = image_index[self.caption_index]
             self.arrays = {
                 key: f[name][:][self.caption_index].astype(np.int64)
-                for name, key in _TEXT_KEYS.items()
+                for name, key in TEXT_BATCH_KEYS.items()
                 if name in f
             }
 

@@ -340,7 +340,7 @@ def _missing(shas: list[str], store: _Store, unread: dict[str, str]) -> list[str
 def _encode_arrays(method: Method, arrays: Sequence[np.ndarray]) -> Features:
     """Gallery images → features, prepared exactly as `ped embed` prepares loose images (plus pose maps
     from BlazePose for methods that read them)."""
-    pose = pose_maps(method, arrays) if getattr(method, "needs_pose", False) else None
+    pose = pose_maps(method, arrays) if method.needs_pose else None
     return embed_images(method, list(arrays), batch_size=len(arrays), pose=pose)
 
 

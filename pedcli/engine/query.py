@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pedcli.data.dataset import _TEXT_KEYS  # TODO(lead): a public "text arrays → batch" helper
+from pedcli.data.dataset import TEXT_BATCH_KEYS
 from pedcli.engine.distributed import resolve_device
 from pedcli.engine.explain_view import View, views
 from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, GalleryFeatures, HashMemo, model_key
@@ -75,7 +75,7 @@ def text_pipeline(run_dir: Path, config: dict[str, Any]) -> TextPipeline:
 
 def text_batch(arrays: dict[str, np.ndarray]) -> Batch:
     """The pipeline's text.h5 arrays → the text batch keys a method's `encode_texts` reads."""
-    batch = {key: torch.from_numpy(arrays[name].astype(np.int64)) for name, key in _TEXT_KEYS.items()}
+    batch = {key: torch.from_numpy(arrays[name].astype(np.int64)) for name, key in TEXT_BATCH_KEYS.items()}
     length = batch.pop("bert_length")
     batch["bert_mask"] = (torch.arange(batch["bert_ids"].shape[1])[None] < length[:, None]).long()
     batch["caption_index"] = torch.arange(len(length))

@@ -129,6 +129,12 @@ class Method(nn.Module):
     def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
         return None
 
+    @property
+    def needs_pose(self) -> bool:
+        """Whether `encode_images` reads `batch["pose"]` (PMA, unless its ablation switches drop pose), so
+        that query computes pose maps for gallery images. A config may say so with its own `needs_pose`."""
+        return bool(getattr(self.cfg, "needs_pose", False))
+
     # ---- helpers ------------------------------------------------------------------------------
     def trunk_output(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """`batch["trunk"]` when the engine cached it, else computed now."""
