@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pedcli.data.cache import CACHE_FORMAT, META, part_path
+from pedcli.data.cache import CACHE_FORMAT, META, part_digest, part_path
 from pedcli.data.schema import KEYPOINTS, SPLIT_CODE
-from pedcli.fileio import sha256_file, write_json_atomic
+from pedcli.fileio import write_json_atomic
 
 TINY_IMAGE_SIZE = (32, 16)  # H, W; pose maps are H/8 × W/8
 TINY_IDS = {"train": (3, 5, 8, 13), "val": (21, 34), "test": (55, 89)}  # non-contiguous on purpose
@@ -79,7 +79,7 @@ def write_tiny_cache(out: Path, *, with_pose: bool = True, seed: int = 0) -> Pat
                 "bert_model": None,
             },
             "counts": {"images": n, "captions": m},
-            "parts": {p: sha256_file(part_path(out, p)) for p in parts},
+            "parts": {p: part_digest(part_path(out, p)) for p in parts},
         },
     )
     return out

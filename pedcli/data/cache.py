@@ -29,10 +29,14 @@ all; meta.json is written last. Readers check `format` and refuse a cache from a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import h5py
+import numpy as np
 
 from pedcli.errors import PedError
 
@@ -43,6 +47,27 @@ PARTS = ("images", "text", "pose")
 
 def part_path(cache: str | Path, part: str) -> Path:
     return Path(cache) / f"{part}.h5"
+
+
+def part_digest(path: str | Path) -> str:
+    """sha256 of a part's content: every dataset's name, dtype, shape and values, and every attribute.
+
+    Not of the file's bytes: HDF5 may leave uninitialised padding in its metadata blocks, so two files
+    with the same content can differ byte for byte. This digest is what meta.json records and checks."""
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for key in sorted(f.attrs):
+            h.update(f"attr:{key}={f.attrs[key]!r}".encode())
+        for name in sorted(f):
+            ds = f[name]
+            h.update(f"{name}:{ds.dtype}:{ds.shape}".encode())
+            rows = ds.chunks[0] if ds.chunks else max(len(ds), 1)  # read a chunk of rows at a time
+            for i in range(0, len(ds), rows):
+                block = ds[i : i + rows]
+                if ds.dtype.kind == "O":  # variable-length strings
+                    block = np.frombuffer(b"\x00".join(block.tolist()), np.uint8)
+                h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

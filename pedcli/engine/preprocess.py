@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pedcli import __version__
-from pedcli.data.cache import CACHE_FORMAT, META, CacheInfo, load_cache_info, part_path
+from pedcli.data.cache import CACHE_FORMAT, META, CacheInfo, load_cache_info, part_digest, part_path
 from pedcli.data.formats import annotation_path, load_records, validate_records
 from pedcli.data.images import load_rgb, resize_rgb
 from pedcli.data.schema import SPLIT_CODE, SPLITS, Record
@@ -215,7 +215,7 @@ def _concat(shards: Sequence[dict[str, np.ndarray]], key: str) -> np.ndarray:
 
 
 def _write_h5(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any] | None = None) -> str:
-    """Write one part atomically and deterministically; returns its sha256."""
+    """Write one part atomically and deterministically; returns its content digest."""
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w", libver="v110") as f:
         for name, arr in arrays.items():
             if arr.dtype.kind in "UO":
@@ -228,7 +228,7 @@ def _write_h5(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any] |
                 f.create_dataset(name, data=arr, track_times=False)
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
-    return sha256_file(path)
+    return part_digest(path)
 
 
 def _versions() -> dict[str, str]:
@@ -398,7 +398,7 @@ def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
     info = load_cache_info(cache)
     meta = info.meta
     for part, digest in meta["parts"].items():
-        if sha256_file(part_path(cache, part)) != digest:
+        if part_digest(part_path(cache, part)) != digest:
             raise PedError(f"{part_path(cache, part)} does not match its meta.json hash", "rebuild the cache")
     with h5py.File(part_path(cache, "images"), "r") as f:
         n_img = f["images"].shape[0]
