@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's results table: every method trained and evaluated on the demo's synthetic benchmark.
-#   make demo DEMO_EPOCHS=0 ... or simply: bash benchmarks/results_synth.sh [EPOCHS] [METHODS...]
+#   bash benchmarks/results_synth.sh [EPOCHS] [METHODS...]      (default: 6 epochs per stage, all methods)
 # Needs demo/cache (from `make demo`). Writes demo/results/<method>.json and prints one line per method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
