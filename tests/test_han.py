@@ -285,4 +285,4 @@ def test_han_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Path
         losses = [r["loss"] for r in result.history if r["stage"] == stage]
         assert losses[-1] < 0.8 * losses[0], (stage, losses)
     r1, chance = heldout_r1(tmp_path / "run", synth_cache)
-    assert r1 >= 3 * chance, (r1, chance)
+    assert r1 >= 5 * chance, (r1, chance)  # measured 6.8x chance (seed 0, one thread: deterministic)

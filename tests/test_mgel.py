@@ -225,7 +225,7 @@ def test_bad_options_are_clear_errors(bad) -> None:
 @pytest.mark.slow
 def test_mgel_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Path) -> None:  # noqa: F811
     # the frozen-trunk warm-up alone (cached MobileNetV2 maps), two granularities: seconds on a CPU
-    options = {"embed_dim": 64, "word_dim": 64, "granularities": (1, 2), "warmup_epochs": 15, "epochs": 0,
+    options = {"embed_dim": 64, "word_dim": 64, "granularities": (1, 2), "warmup_epochs": 25, "epochs": 0,
                "lr": 3e-3}  # fmt: skip
     result = train("mgel", synth_cache, tmp_path / "run", method_options=options, options={"batch_size": 16},
                    seed=0, progress=False)  # fmt: skip
@@ -233,4 +233,4 @@ def test_mgel_learns_on_the_synthetic_benchmark(synth_cache: Path, tmp_path: Pat
     assert losses[-1] < 0.5 * losses[0]
     assert all(r["losses"]["pal"] < result.history[0]["losses"]["pal"] for r in result.history[1:])
     r1, chance = heldout_r1(tmp_path / "run", synth_cache)
-    assert r1 >= 3 * chance, (r1, chance)
+    assert r1 >= 5 * chance, (r1, chance)  # measured 7.3x chance (seed 0, one thread: deterministic)

@@ -72,9 +72,8 @@ def test_baseline_learns_and_keeps_the_best_val_epoch(synth_cache: Path, tmp_pat
     emb = encode_split(method, synth_cache, "test", progress=False)
     r1 = retrieval_metrics(score_matrix(method, emb.text, emb.image), emb.text_pid, emb.image_pid)["R@1"]
     chance = 100 * (emb.text_pid[:, None] == emb.image_pid[None, :]).mean()  # R@1 of a random ranking
-    # measured 6.1x chance with this seed (4.1-6.1x over seeds): a global baseline on a frozen CNN
-    # cannot tell the set's near-duplicate identities apart, so the bound leaves room for noise
-    assert r1 >= 3 * chance, (r1, chance)
+    # measured 6.2x chance with this seed (4.1-6.1x over other seeds); seed 0 on one thread is deterministic
+    assert r1 >= 5 * chance, (r1, chance)
 
 
 # ---- run folders, resume ----------------------------------------------------------------------------
