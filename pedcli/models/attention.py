@@ -1,4 +1,5 @@
-"""Small attention and masked-pooling pieces that MGEL and HAN share.
+"""Small attention and masked-pooling pieces the methods share, and the all-pairs layout helpers of the
+cross-attention methods (PMA, MIA, NAFS).
 
 Words come padded ([B, L, D] with a valid mask [B, L]), so every pooling and softmax over words here
 takes the mask; image positions pass no mask (all valid).
@@ -50,3 +51,25 @@ class ChannelAttention(nn.Module):
         """x: [B, N, C] (N positions or words) → weights [B, C]."""
         descriptors = torch.cat([masked_pool(x, mask, "avg"), masked_pool(x, mask, "max")], dim=1)
         return torch.sigmoid(self.mlp(descriptors))
+
+
+# ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
+def cross_dots(text: Tensor, image: Tensor, pairwise: bool) -> Tensor:
+    """Dot products of text units [nt, X, D] with image units [ni, Y, D]: [nt, ni, X, Y] (aligned pairs,
+    pairwise=True: [n, X, Y]). One GEMM for every pair, no loop."""
+    if pairwise:
+        return text @ image.transpose(1, 2)
+    nt, x, d = text.shape
+    ni, y, _ = image.shape
+    flat = text.reshape(nt * x, d) @ image.reshape(ni * y, d).T
+    return flat.reshape(nt, x, ni, y).transpose(1, 2)
+
+
+def per_text(x: Tensor, pairwise: bool) -> Tensor:
+    """A text-only tensor [nt, ...] made to broadcast against [nt, ni, ...]."""
+    return x if pairwise else x.unsqueeze(1)
+
+
+def per_image(x: Tensor, pairwise: bool) -> Tensor:
+    """An image-only tensor [ni, ...] made to broadcast against [nt, ni, ...]."""
+    return x if pairwise else x.unsqueeze(0)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import masked_softmax
+from pedcli.models.attention import cross_dots, masked_softmax, per_image, per_text
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
 from pedcli.models.losses import SharedClassifier, identity_loss, sum_of_hinges
 from pedcli.models.methods.base import (
@@ -67,7 +67,7 @@ from pedcli.models.methods.base import (
     index_features,
     register_method,
 )
-from pedcli.models.methods.pma import _attended_cosine, _cross, _per_image, _per_text
+from pedcli.models.methods.pma import _attended_cosine
 from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
 
 UNITS = ("phrases", "words")
@@ -341,13 +341,13 @@ class MIA(Method):
         t_hat = F.normalize(text["global"], dim=-1)[:, None]  # [nt, 1, d]
         i_hat = F.normalize(image["global"], dim=-1)[:, None]  # [ni, 1, d]
         parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
-        v = torch.softmax(_cross(t_hat, image["rga_parts"], pairwise), -1)  # eq. 6, [..., 1, n]
-        dots = _cross(t_hat, parts, pairwise)  # P_i · T̂
-        s_i = _attended_cosine(v, dots, _per_image(image["parts_gram"], pairwise))[..., 0]  # eqs. 7–8
-        rel = _cross(text["rga_phrases"], i_hat, pairwise).transpose(-1, -2)
-        c = masked_softmax(rel, _per_text(mask, pairwise)[..., None, :])  # eq. 9, [..., 1, M]
-        dots = _cross(phrases, i_hat, pairwise).transpose(-1, -2)  # N_j · Î
-        s_t = _attended_cosine(c, dots, _per_text(text["phrases_gram"], pairwise))[..., 0]  # eqs. 10–11
+        v = torch.softmax(cross_dots(t_hat, image["rga_parts"], pairwise), -1)  # eq. 6, [..., 1, n]
+        dots = cross_dots(t_hat, parts, pairwise)  # P_i · T̂
+        s_i = _attended_cosine(v, dots, per_image(image["parts_gram"], pairwise))[..., 0]  # eqs. 7–8
+        rel = cross_dots(text["rga_phrases"], i_hat, pairwise).transpose(-1, -2)
+        c = masked_softmax(rel, per_text(mask, pairwise)[..., None, :])  # eq. 9, [..., 1, M]
+        dots = cross_dots(phrases, i_hat, pairwise).transpose(-1, -2)  # N_j · Î
+        s_t = _attended_cosine(c, dots, per_text(text["phrases_gram"], pairwise))[..., 0]  # eqs. 10–11
         return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
 
     def _fine(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
@@ -355,18 +355,18 @@ class MIA(Method):
         attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
         parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
         gram_n, gram_p = text["phrases_gram"], image["parts_gram"]
-        cos = _cross(text["bfm_phrases"], image["bfm_parts"], pairwise)  # [..., M, n]
-        raw = _cross(phrases, parts, pairwise)  # N_j · P_k
-        n_norm = _per_text(_diag_norms(gram_n), pairwise)[..., :, None]
-        p_norm = _per_image(_diag_norms(gram_p), pairwise)[..., None, :]
+        cos = cross_dots(text["bfm_phrases"], image["bfm_parts"], pairwise)  # [..., M, n]
+        raw = cross_dots(phrases, parts, pairwise)  # N_j · P_k
+        n_norm = per_text(_diag_norms(gram_n), pairwise)[..., :, None]
+        p_norm = per_image(_diag_norms(gram_p), pairwise)[..., None, :]
         alpha = torch.softmax(cos, dim=-1)  # eq. 13
         # cos(Ĩ_j, N_j) of eq. 12, from N̂_j · P_k
-        per_phrase = _attended_cosine(alpha, raw / n_norm, _per_image(gram_p, pairwise))
-        m = _per_text(mask, pairwise)
+        per_phrase = _attended_cosine(alpha, raw / n_norm, per_image(gram_p, pairwise))
+        m = per_text(mask, pairwise)
         s_p = _masked_mean(per_phrase, m)  # eq. 14
         beta = masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
         # cos(T̃_i, P_i) of eq. 15, from N_k · P̂_i
-        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), _per_text(gram_n, pairwise))
+        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), per_text(gram_n, pairwise))
         return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
 
     def components(

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import masked_pool, masked_softmax
+from pedcli.models.attention import cross_dots, masked_pool, masked_softmax, per_image, per_text
 from pedcli.models.backbones import BACKBONES, build_backbone
 from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
 from pedcli.models.methods.base import (
@@ -184,27 +184,6 @@ def attend_by_cosine(queries: Tensor, values: Tensor) -> Tensor:
     queries [B, K, b], values [B, N, b] → [B, K, b]."""
     cos = F.normalize(queries, dim=-1) @ F.normalize(values, dim=-1).transpose(1, 2)
     return torch.softmax(cos, dim=-1) @ values
-
-
-# ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
-def _cross(text: Tensor, image: Tensor, pairwise: bool) -> Tensor:
-    """Dot products of text units [nt, X, D] with image units [ni, Y, D]: [nt, ni, X, Y] ([n, X, Y])."""
-    if pairwise:
-        return text @ image.transpose(1, 2)
-    nt, x, d = text.shape
-    ni, y, _ = image.shape
-    flat = text.reshape(nt * x, d) @ image.reshape(ni * y, d).T  # one GEMM for every pair
-    return flat.reshape(nt, x, ni, y).transpose(1, 2)
-
-
-def _per_text(x: Tensor, pairwise: bool) -> Tensor:
-    """A text-only tensor [nt, ...] made to broadcast against [nt, ni, ...]."""
-    return x if pairwise else x.unsqueeze(1)
-
-
-def _per_image(x: Tensor, pairwise: bool) -> Tensor:
-    """An image-only tensor [ni, ...] made to broadcast against [nt, ni, ...]."""
-    return x if pairwise else x.unsqueeze(0)
 
 
 def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor) -> Tensor:
@@ -375,9 +354,9 @@ class PMA(Method):
         """(S_ca, local similarities s_ij [..., 24], attention weights [..., 24]) — eqs. 7–9."""
         t = F.normalize(text["global"], dim=-1)[:, None]
         if not self.cfg.coarse:  # Table 3 without CA: cosine of the global features
-            s = _cross(t, F.normalize(image["global"], dim=-1)[:, None], pairwise)[..., 0, :]
+            s = cross_dots(t, F.normalize(image["global"], dim=-1)[:, None], pairwise)[..., 0, :]
             return s[..., 0], s, torch.ones_like(s)
-        s = _cross(t, image["regions"], pairwise)[..., 0, :]  # eq. 7
+        s = cross_dots(t, image["regions"], pairwise)[..., 0, :]  # eq. 7
         w = coarse_attention(s, self.cfg.ca_attention, self.cfg.ca_top_m)  # eqs. 8–9
         return (w * s).sum(-1), s, w
 
@@ -387,11 +366,11 @@ class PMA(Method):
         cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
         the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
         phrases, norms, mask = text["phrases"], text["phrase_norms"], text["phrases_mask"]
-        cos = _cross(phrases, image["parts"], pairwise).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
-        alpha = masked_softmax(cos, _per_text(mask, pairwise)[..., None, :])  # eq. 11
-        dots = _cross(phrases, image["fa_parts"], pairwise).transpose(-1, -2)
-        dots = dots * _per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
-        gram = _per_text(_gram(phrases, norms), pairwise)
+        cos = cross_dots(phrases, image["parts"], pairwise).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
+        alpha = masked_softmax(cos, per_text(mask, pairwise)[..., None, :])  # eq. 11
+        dots = cross_dots(phrases, image["fa_parts"], pairwise).transpose(-1, -2)
+        dots = dots * per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
+        gram = per_text(_gram(phrases, norms), pairwise)
         return _attended_cosine(alpha, dots, gram).sum(-1), alpha  # eqs. 12–13
 
     def _fine_no_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
@@ -399,12 +378,12 @@ class PMA(Method):
         cosine (eq. 11 with the phrase in the part's place); S_fa is the mean of the phrases' cosines
         with their attended regions (a caption's phrase count must not scale its score)."""
         regions, r_norms = image["fa_regions"], image["fa_region_norms"]
-        cos = _cross(text["phrases"], regions, pairwise)  # [..., P, 24]
+        cos = cross_dots(text["phrases"], regions, pairwise)  # [..., P, 24]
         beta = torch.softmax(cos, dim=-1)
-        dots = cos * _per_image(r_norms, pairwise)[..., None, :]  # ê_i · r̃_j
-        gram = _per_image(_gram(regions, r_norms), pairwise)
+        dots = cos * per_image(r_norms, pairwise)[..., None, :]  # ê_i · r̃_j
+        gram = per_image(_gram(regions, r_norms), pairwise)
         s = _attended_cosine(beta, dots, gram)  # [..., P]
-        m = _per_text(text["phrases_mask"], pairwise).to(s.dtype)
+        m = per_text(text["phrases_mask"], pairwise).to(s.dtype)
         return (s * m).sum(-1) / m.sum(-1).clamp(min=1), beta
 
     def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
