@@ -160,6 +160,13 @@ class Method(nn.Module):
         return cls.Config(**overrides)
 
 
+def require(checks: list[tuple[bool, str, str]]) -> None:
+    """Raise a PedError for the first failed (condition, message, hint) of a config's option checks."""
+    for ok, msg, hint in checks:
+        if not ok:
+            raise PedError(msg, hint or None)
+
+
 def index_features(feats: Features, index: slice | torch.Tensor) -> Features:
     """Select the same rows of every tensor in a feature dict (first dim = item)."""
     if isinstance(index, torch.Tensor):  # index_select is much faster than advanced indexing on CPU

@@ -66,6 +66,7 @@ from pedcli.models.methods.base import (
     TrainConfig,
     index_features,
     register_method,
+    require,
 )
 from pedcli.models.methods.pma import _attended_cosine
 from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
@@ -154,9 +155,7 @@ class MIAConfig:
              "MIA embed_dim, hidden, word_dim, mlp_hidden and parts must be positive", "e.g. parts=6"),
             (self.last_stride in (1, 2), f"last_stride must be 1 or 2, got {self.last_stride}", ""),
         ]  # fmt: skip
-        for ok, msg, hint in checks:
-            if not ok:
-                raise PedError(msg, hint)
+        require(checks)
 
     @property
     def local(self) -> bool:

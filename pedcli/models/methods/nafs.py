@@ -60,6 +60,7 @@ from pedcli.models.methods.base import (
     TrainConfig,
     index_features,
     register_method,
+    require,
 )
 from pedcli.models.text_encoders import BertEncoder
 from pedcli.text.bert import resolve_bert_model
@@ -142,9 +143,7 @@ class NAFSConfig:
              "NAFS embed_dim, stripes, rvn_neighbours, lambda_softmax and csal_temperature must be positive",
              "e.g. embed_dim=768, region_stripes=2, patch_stripes=3"),
         ]  # fmt: skip
-        for ok, msg, hint in checks:
-            if not ok:
-                raise PedError(msg, hint)
+        require(checks)
 
 
 # ---- image: the staircase backbone (§3.1) ---------------------------------------------------------

@@ -55,6 +55,7 @@ from pedcli.models.methods.base import (
     TrainConfig,
     index_features,
     register_method,
+    require,
 )
 from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
 from pedcli.pose.keypoints import PARTS, group_parts
@@ -114,9 +115,7 @@ class PMAConfig:
              f"PMA ca_top_m must be between 1 and {self.stripes * self.columns}, got {self.ca_top_m}",
              "Table 4 uses 5, 10, 20 or 24"),
         ]  # fmt: skip
-        for ok, msg, hint in checks:
-            if not ok:
-                raise PedError(msg, hint)
+        require(checks)
 
     @property
     def needs_pose(self) -> bool:
