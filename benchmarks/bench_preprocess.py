@@ -21,11 +21,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pedcli.data.formats import load_records  # noqa: E402
-from pedcli.data.schema import Record  # noqa: E402
-from pedcli.data.synth import generate  # noqa: E402
-from pedcli.engine import preprocess as pp  # noqa: E402
-from pedcli.text import TextOptions, TextPipeline, vocab_from_records  # noqa: E402
+from pedcli.data.formats import load_records
+from pedcli.data.schema import Record
+from pedcli.data.synth import generate
+from pedcli.engine import preprocess as pp
+from pedcli.text import TextOptions, TextPipeline, vocab_from_records
 
 SHARD = 64
 

@@ -37,7 +37,7 @@ def synthetic(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     return out, centres
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+def timed(fn, repeats: int) -> tuple[float, float]:
     """(median, p95) milliseconds of `repeats` calls after one warm-up call."""
     fn(0)
     times = []

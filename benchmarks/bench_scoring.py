@@ -6,8 +6,10 @@
 
 For each method: random stored features of the paper's real widths (float16, as `ped embed` stores
 them) go through the engine's exact `score_matrix` and its two-stage `two_stage_scores` (cosine
-shortlist of K images per caption, then `pair_similarity` on those pairs only). Weights do not change
-the cost, so the methods are built untrained.
+shortlist of K images per caption, then `shortlist_similarity` on those pairs only). Weights do not
+change the cost, so the methods are built untrained. Each line gives the matrix-product FLOPs of both
+(counted by `torch.utils.flop_counter` on a sample of captions, scaled), the GFLOP/s reached, and the
+time a plain float32 GEMM would need for the same FLOPs (the dot-product bound).
 
 Adding a method: write a function `(n_text, n_image, generator) -> (method, text_feats, image_feats)`
 and decorate it with `@feature_maker("name")`.
@@ -20,8 +22,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from pedcli.engine.scoring import score_matrix, two_stage_scores
+from pedcli.engine.metrics import top_k_order
+from pedcli.engine.scoring import cosine_matrix, score_matrix, shortlist_scores, two_stage_scores
 from pedcli.models.methods import mia
 from pedcli.models.methods.base import DataInfo, Features, Method, create_method
 
@@ -106,9 +110,30 @@ def nafs_features(n_text: int, n_image: int, g: torch.Generator) -> tuple[Method
     return method, text, image
 
 
-def bench(name: str, n_text: int, n_image: int, k: int) -> None:
+def _flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def gemm_gflops(n: int = 2048) -> float:
+    """GFLOP/s of one plain float32 matrix product on this machine: the dot-product bound's rate."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    a @ b
+    return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+def bench(name: str, n_text: int, n_image: int, k: int, peak: float, sample: int = 64) -> None:
     g = torch.Generator().manual_seed(0)
     method, text, image = FEATURE_MAKERS[name](n_text, n_image, g)
+    some = {key: v[:sample] for key, v in text.items()}  # FLOPs of a sample of captions, scaled
+    scale = n_text / min(sample, n_text)
+    exact_flops = _flops(lambda: score_matrix(method, some, image)) * scale
+    index = top_k_order(cosine_matrix(some["global"], image["global"]), k)
+    two_flops = _flops(lambda: shortlist_scores(method, some, image, index)) * scale
     start = time.perf_counter()
     score_matrix(method, text, image)
     exact = time.perf_counter() - start
@@ -116,7 +141,9 @@ def bench(name: str, n_text: int, n_image: int, k: int) -> None:
     two_stage_scores(method, text, image, k)
     two = time.perf_counter() - start
     print(f"{name}: {n_text} texts × {n_image} images on {torch.get_num_threads()} thread(s): "
-          f"exact {exact:.1f} s, two-stage K={k} {two:.1f} s", flush=True)  # fmt: skip
+          f"exact {exact:.1f} s ({exact_flops / 1e9:.0f} GFLOP, {exact_flops / 1e9 / exact:.1f} GFLOP/s, "
+          f"bound {exact_flops / 1e9 / peak:.1f} s); two-stage K={k} {two:.1f} s ({two_flops / 1e9:.0f} "
+          f"GFLOP, {two_flops / 1e9 / two:.1f} GFLOP/s); {exact / two:.1f}× faster", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -128,8 +155,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=CUHK_IMAGES)
     parser.add_argument("--k", type=int, default=100, help="shortlist size of the two-stage scoring")
     args = parser.parse_args()
+    peak = gemm_gflops()
+    print(f"plain float32 GEMM: {peak:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)", flush=True)
     for name in args.methods:
-        bench(name, args.texts, args.images, args.k)
+        bench(name, args.texts, args.images, args.k, peak)
 
 
 if __name__ == "__main__":

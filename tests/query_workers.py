@@ -24,3 +24,37 @@ def sync_gallery(gallery: str, root: str, batch_size: int) -> list[tuple[str, li
     feats = cache.sync(None, mean_colour, batch_size)  # type: ignore[arg-type]  (no model: a stand-in)
     glob = feats.gather(feats.rows)["global"]
     return [(str(p), g.tolist()) for p, g in zip(feats.paths, glob, strict=True)]
+
+
+def sync_then_die(gallery: str, root: str, where: str) -> None:
+    """Sync with the stand-in encoder and SIGKILL this process midway: while embedding (after 2 batches),
+    or after the new rows were appended to the row files but before the catalogue commit."""
+    import os
+    import signal
+
+    from pedcli.engine import gallery as gallery_mod
+
+    batches = []
+
+    def encode(method: object, arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        batches.append(len(arrays))
+        if where == "embedding" and len(batches) > 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return mean_colour(method, arrays)
+
+    real_append = gallery_mod.GalleryCache._append
+
+    def append_and_die(self, store, block, norms=None):
+        first = real_append(self, store, block, norms)
+        if where == "commit":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return first
+
+    gallery_mod.GalleryCache._append = append_and_die
+    GalleryCache(Path(gallery), Path(root), "model").sync(None, encode, 2)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sync_then_die(*sys.argv[1:4])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch
 from conftest import TINY_CAPTIONS_PER_IMAGE, TINY_IDS, TINY_IMAGE_SIZE, TINY_IMAGES_PER_ID, write_tiny_cache
 from torch.utils.data import DataLoader
 
+from pedcli.data import cache as cache_module
+from pedcli.data.cache import load_cache_info
 from pedcli.data.dataset import (
     IGNORE_LABEL,
     CaptionDataset,
@@ -75,6 +79,36 @@ def test_data_info(tiny_cache: Path) -> None:
     info = data_info(tiny_cache)
     assert info.num_classes == len(TINY_IDS["train"])
     assert info.vocab_size == 20 and info.image_size == TINY_IMAGE_SIZE
+
+
+def test_a_cache_opened_once_is_shared_by_every_reader(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = load_cache_info(tiny_cache)
+    assert load_cache_info(cache) is cache
+    opened: list[str] = []
+    real = cache_module.open_h5
+    monkeypatch.setattr(cache_module, "open_h5", lambda path: opened.append(Path(path).name) or real(path))
+    datasets = [CaptionDataset(cache, "train"), ImageDataset(cache, "test"), TextDataset(cache, "val")]
+    assert all(ds.info is cache for ds in datasets)
+    assert data_info(cache).vocab_size == 20 and split_pids(cache, "val").tolist() == sorted(TINY_IDS["val"])
+    # the image table and the vocabulary are read once; each dataset reads only its own caption rows
+    assert opened.count("images.h5") == 1 and opened.count("text.h5") == 1 + 2
+
+
+def test_data_text_and_pose_import_no_higher_layer() -> None:
+    """The layering rule: data/, text/ and pose/ never import models/ or engine/, and data/ not pose/."""
+    code = (
+        "import sys, pedcli.data.cache, pedcli.data.dataset, pedcli.data.formats, pedcli.text, "
+        "pedcli.pose.keypoints; print(sorted(m for m in sys.modules if m.startswith(('pedcli.models', "
+        "'pedcli.engine'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, pedcli.data.dataset, pedcli.data.formats; print('pedcli.pose' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
 
 
 def test_flip_mirrors_image_and_swaps_pose_channels(tiny_cache: Path) -> None:

@@ -15,7 +15,7 @@ from toy_method import ToyMethod
 from typer.testing import CliRunner
 
 from pedcli.cli import app
-from pedcli.data.cache import part_path
+from pedcli.data.cache import load_cache_info, part_path
 from pedcli.data.dataset import ImageDataset, TextDataset, collate, data_info
 from pedcli.engine.embed import embed, embed_images, load_embeddings
 from pedcli.engine.evaluate import evaluate, metrics_table
@@ -134,6 +134,7 @@ def make_run(root: Path, cache: Path, method: ToyMethod) -> Path:
         "cache": str(cache),
     }
     (run / "config.json").write_text(json.dumps(config))
+    (run / "vocab.json").write_text(json.dumps(load_cache_info(cache).vocab))
     torch.save({"model": method.state_dict()}, run / "checkpoints" / "best.pt")
     return run
 

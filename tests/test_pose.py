@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pedcli.data.schema import KEYPOINTS
+from pedcli.data.schema import FLIP_PERMUTATION, KEYPOINTS
 from pedcli.data.synth import ANNOTATION, generate
 from pedcli.errors import PedError
 from pedcli.pose import blazepose
 from pedcli.pose.keypoints import (
-    FLIP_PERMUTATION,
     PARTS,
     group_parts,
     keypoints_from_maps,
@@ -152,7 +151,7 @@ def test_blazepose_on_noise_gives_low_score_and_weak_maps_and_survives_pickling(
         assert est.maps.shape == (len(KEYPOINTS), *MAP_HW) and est.keypoints.shape == (len(KEYPOINTS), 3)
         assert np.isfinite(est.maps).all() and est.maps.min() >= 0 and est.maps.max() <= 1
         assert est.score < 0.5
-        # No confident joints: a detected person's joint peaks are ~0.4–0.8 (DESIGN.md).
+        # No confident joints: a detected person's joint peaks are ~0.45–0.9 (ARCHITECTURE.md: Pose maps).
         assert est.maps.reshape(len(KEYPOINTS), -1).max(axis=1).mean() < 0.35
     # A worker pool pickles the backend after the parent has used it: the interpreter stays behind.
     clone = pickle.loads(pickle.dumps(backend))

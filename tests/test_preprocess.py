@@ -153,7 +153,7 @@ def test_check_command_summarises_and_detects_tampering(cache: Path, tmp_path: P
     with h5py.File(part_path(copy, "text"), "a") as f:
         f["length"][0] = 0
     res = runner.invoke(app, ["preprocess", "--check", str(copy)])
-    assert res.exit_code == 2 and "does not match" in res.output
+    assert res.exit_code == 2 and "damaged" in res.output and "text.h5" in res.output
 
 
 def test_missing_cache_is_a_clear_error(tmp_path: Path) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import multiprocessing
+import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_train
 from PIL import Image
 from query_workers import mean_colour, sync_gallery
@@ -89,8 +91,8 @@ def test_incremental_cache(trained_run: Path, tiny_cache: Path, tmp_path: Path, 
     assert third.embedded == 2 and third.gallery_size == 6
     assert sorted(ranked_paths(third)) == sorted(find_images(gal))
     assert files[0] not in ranked_paths(third)
-    store = json.loads(next((gal / CACHE_DIRNAME).glob("*/store.json")).read_text())
-    assert store["rows"] == 6  # the removed file's row was dropped, the changed file's old row too
+    assert len(store_rows(gal / CACHE_DIRNAME)) == 6  # the removed file's and the changed file's old rows
+    # were dropped
 
 
 def test_corrupt_and_unreadable_files_are_skipped(
@@ -145,16 +147,26 @@ def test_concurrent_writers_share_one_store(tiny_cache: Path, tmp_path: Path) ->
     write_gallery(gal, tiny_cache, 9)
     root = tmp_path / "cache"
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        answers = pool.starmap(sync_gallery, [(str(gal), str(root), b) for b in (2, 3)])
+        jobs = pool.starmap_async(sync_gallery, [(str(gal), str(root), b) for b in (2, 3)])
+        answers = jobs.get(timeout=300)  # a worker error that cannot be pickled would hang `starmap`
     expected = mean_colour(None, [np.asarray(Image.open(p).convert("RGB")) for p in find_images(gal)])
     for answer in answers:
         assert [p for p, _ in answer] == [str(p) for p in find_images(gal)]
         assert np.allclose([g for _, g in answer], expected["global"].numpy(), atol=0.1)  # float16 storage
-    store_dir = root / "model"
-    meta = json.loads((store_dir / "store.json").read_text())
-    assert meta["rows"] == 9
-    assert not [f for f in store_dir.iterdir() if "partial" in f.name]
-    assert all(f.name.split(".")[1] == str(meta["generation"]) for f in store_dir.glob("*.npy"))
+    rows = store_rows(root, "model")
+    assert sorted(rows.values()) == list(range(9))  # one row per content: no duplicate appended
+    with sqlite3.connect(root / "catalog.sqlite") as db:
+        gen, written = db.execute("SELECT generation, rows FROM stores").fetchone()
+    assert written == 9 and {f.name.split(".")[1] for f in (root / "model").iterdir()} == {str(gen)}
+
+
+def store_rows(root: Path, model: str | None = None) -> dict[str, int]:
+    """content sha → feature row of the catalogue under `root` (of its only model unless named)."""
+    with sqlite3.connect(root / "catalog.sqlite") as db:
+        if model is None:
+            (model,) = db.execute("SELECT model FROM stores").fetchone()
+        got = db.execute("SELECT sha, row FROM contents WHERE model=? AND row IS NOT NULL", (model,))
+        return dict(got.fetchall())
 
 
 def test_a_file_unreadable_for_now_is_not_remembered(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -288,3 +300,65 @@ def test_bad_input_is_a_clear_error(trained_run: Path, tmp_path: Path) -> None:
     (tmp_path / "q.txt").write_text("# only a comment\n")
     with pytest.raises(PedError, match="holds no query"):
         read_queries(tmp_path / "q.txt")
+
+
+class DeviceProbe:
+    """A stand-in accelerator: the engine is told to use the `meta` device, and this wrapper of a CPU
+    method records the device of every tensor handed to the model, then runs the real method on zeros of
+    the same shape on the CPU (meta tensors hold no data; the test checks placement, not scores)."""
+
+    MODEL_CALLS = ("encode_images", "encode_texts", "similarity", "pair_similarity", "shortlist_similarity")
+
+    def __init__(self, method: object) -> None:
+        self.method = method
+        self.seen: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str):
+        real = getattr(self.method, name)
+        if name not in self.MODEL_CALLS:
+            return real
+
+        def call(*args):
+            cpu = []
+            for a in args:
+                if isinstance(a, dict):
+                    self.seen += [(name, str(v.device)) for v in a.values() if isinstance(v, torch.Tensor)]
+                    a = {k: torch.zeros_like(v, device="cpu") if isinstance(v, torch.Tensor) else v
+                         for k, v in a.items()}  # fmt: skip
+                elif isinstance(a, torch.Tensor):
+                    self.seen.append((name, str(a.device)))
+                    a = torch.zeros_like(a, device="cpu")
+                cpu.append(a)
+            return real(*cpu)
+
+        return call
+
+
+def test_device_reaches_every_encoder_call(
+    trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`--device` is used for the gallery sync of `ped query` (it used to embed on the CPU), the query's
+    text and its re-scoring, and for `ped embed`."""
+    import pedcli.engine.embed as embed_mod
+    import pedcli.engine.query as query_mod
+
+    probes: list[DeviceProbe] = []
+
+    def probed_run(*args, **kwargs):
+        method, config = load_run(*args, **{**kwargs, "device": torch.device("cpu")})
+        probes.append(DeviceProbe(method))
+        return probes[-1], config
+
+    for mod in (query_mod, embed_mod):
+        monkeypatch.setattr(mod, "resolve_device", lambda _d: torch.device("meta"))
+        monkeypatch.setattr(mod, "load_run", probed_run)
+    gal = tmp_path / "gallery"
+    write_gallery(gal, tiny_cache, 3)
+    report = query_gallery(trained_run, gal, [QUERY], top=3, device="cuda")
+    assert report.embedded == 3 and len(report.results[0].matches) == 3
+    embed_mod.embed_run(trained_run, tiny_cache, "test", tmp_path / "e.h5", device="cuda")
+    query_calls, embed_calls = ({n for n, _ in p.seen} for p in probes)
+    assert {"encode_images", "encode_texts"} <= query_calls
+    assert query_calls & {"pair_similarity", "shortlist_similarity"}  # the exact re-scoring
+    assert {"encode_images", "encode_texts"} <= embed_calls
+    assert {d for p in probes for _, d in p.seen} == {"meta"}

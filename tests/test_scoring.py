@@ -7,7 +7,7 @@ import torch
 from toy_method import ToyMethod, random_features
 
 from pedcli.engine.metrics import rank_order, retrieval_metrics
-from pedcli.engine.scoring import cosine_matrix, score_matrix, shortlist, two_stage_scores
+from pedcli.engine.scoring import cosine_matrix, score_matrix, shortlist, shortlist_scores, two_stage_scores
 from pedcli.errors import PedError
 from pedcli.models.methods.base import Method
 
@@ -84,3 +84,17 @@ def test_two_stage_rejects_empty_shortlist(setup) -> None:
     method, text, image = setup
     with pytest.raises(PedError, match="at least 1"):
         two_stage_scores(method, text, image, k=0)
+
+
+@pytest.mark.parametrize("queries", ["text", "image"])
+def test_shortlist_scores_are_the_exact_scores_of_the_shortlist(setup, queries: str) -> None:
+    """The one re-scoring helper of two-stage eval and `ped query`: any chunking, any repeated rows."""
+    method, text, image = setup
+    exact = score_matrix(method, text, image)
+    full = exact if queries == "text" else exact.T
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, full.shape[1], (full.shape[0], 5), generator=g)
+    expected = full.gather(1, index)
+    for pair_chunk in (1, 7, 10_000):
+        got = shortlist_scores(method, text, image, index, queries, pair_chunk=pair_chunk, device="cpu")
+        assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-6)

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -16,7 +17,7 @@ from pedcli.data.schema import KEYPOINTS, SPLITS
 from pedcli.data.synth import ANNOTATION, contact_sheet, generate
 from pedcli.data.synth.attributes import sample_identities, sample_identity
 from pedcli.data.synth.captions import MAX_WORDS, MIN_WORDS, caption
-from pedcli.data.synth.scene import render, sample_shot
+from pedcli.data.synth.scene import _view, render, sample_shot
 from pedcli.errors import PedError
 
 N_IDS = 20
@@ -164,3 +165,92 @@ def test_cli_synth_with_preview(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").is_file()
     assert len({r["id"] for r in json.loads((tmp_path / "d" / ANNOTATION).read_text())}) == 4
+
+
+# ---- --realism hard ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("hard")
+    generate(root, N_IDS, seed=7, realism="hard", progress=False)
+    return root, json.loads((root / ANNOTATION).read_text())
+
+
+def _sharpness(path: Path) -> float:
+    """Mean absolute difference of neighbouring pixels: high for crisp renders, low for blurred upscales."""
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("L").resize((64, 160)), dtype=np.float32)
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
+def test_hard_is_deterministic_and_differs_from_standard(dataset, hard, tmp_path: Path) -> None:
+    root, records = hard
+    generate(tmp_path / "again", N_IDS, seed=7, realism="hard", progress=False)
+    assert _files(root) == _files(tmp_path / "again")
+    std_root, _, std_records = dataset
+    # same people, same splits and crop sizes: only the degradation differs
+    assert [(r["id"], r["split"], r["file_path"]) for r in records] == [
+        (r["id"], r["split"], r["file_path"]) for r in std_records
+    ]
+    for r in records[:10]:
+        with Image.open(root / r["file_path"]) as a, Image.open(std_root / r["file_path"]) as b:
+            assert a.size == b.size
+    blur = [_sharpness(root / r["file_path"]) / _sharpness(std_root / r["file_path"]) for r in records]
+    assert np.median(blur) < 0.8, np.median(blur)  # low resolution, blur and JPEG remove detail
+
+
+def test_hard_shows_each_person_from_different_sides(hard) -> None:
+    from pedcli.data.synth.realism import view_order
+
+    for seed in range(20):
+        yaws = view_order(random.Random(seed))
+        assert {_view(y) for y in yaws[:3]} == {"front", "back", "side"}
+    _, records = hard
+    views = {}
+    for r in records:  # visible-keypoint patterns differ between one person's images
+        views.setdefault(r["id"], set()).add(tuple(v for _, _, v in r["keypoints"]))
+    assert sum(len(v) > 1 for v in views.values()) > 0.7 * len(views)
+
+
+def test_hard_captions_vary_like_people_write(dataset, hard) -> None:
+    _, _, std_records = dataset
+    _, records = hard
+    std = [c for r in std_records for c in r["captions"]]
+    rough = [c for r in records for c in r["captions"]]
+    std_words = {w.strip(".,").lower() for c in std for w in c.split()}
+    new_words = {w.strip(".,").lower() for c in rough for w in c.split()} - std_words
+    assert len(new_words) >= 20, new_words  # synonyms and typos the tidy grammar never writes
+    lengths, std_lengths = [len(c.split()) for c in rough], [len(c.split()) for c in std]
+    assert min(lengths) < MIN_WORDS and np.std(lengths) > np.std(std_lengths)
+    assert any(c == c.lower() for c in rough) and any(not c.endswith(".") for c in rough)
+    assert len(set(rough)) == len(rough)
+
+
+def test_roughen_and_degrade_keep_their_contract() -> None:
+    from pedcli.data.synth.realism import degrade, roughen
+
+    rng = random.Random(0)
+    text = "The man is wearing a grey t-shirt and black pants, he is walking towards the camera."
+    outs = [roughen(text, rng, typo_rate=0.0) for _ in range(200)]
+    assert all("man" in o.lower() or "guy" in o.lower() or "male" in o.lower() or "gentleman" in o.lower()
+               for o in outs)  # fmt: skip
+    assert len(set(outs)) > 20
+    ident = sample_identity(rng)
+    shot = render(ident, sample_shot(rng), rng)
+    for seed in range(20):
+        d = degrade(shot.image, shot.keypoints, random.Random(seed))
+        assert d.image.size == shot.image.size and d.image.mode == "RGB" and 12 <= d.jpeg_quality <= 45
+        # occlusion only hides keypoints, never reveals or moves one
+        assert all(v <= v0 and (x, y) == (x0, y0)
+                   for (x, y, v), (x0, y0, v0) in zip(d.keypoints, shot.keypoints, strict=True))  # fmt: skip
+
+
+def test_cli_realism_and_splits(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["synth", "--out", str(tmp_path / "d"), "--identities", "10", "--realism", "hard",
+                             "--splits", "0.5,0.2,0.3"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    records = json.loads((tmp_path / "d" / ANNOTATION).read_text())
+    assert len({r["id"] for r in records if r["split"] == "test"}) == 3
+    for bad in (["--realism", "nightmare"], ["--splits", "a,b,c"], ["--splits", "0.5,0.5,0.5"]):
+        result = runner.invoke(app, ["synth", "--out", str(tmp_path / "e"), "--identities", "10", *bad])
+        assert result.exit_code == 2 and "fix:" in result.output, result.output

@@ -18,11 +18,8 @@ from pedcli.data.dataset import CaptionDataset, collate, data_info
 from pedcli.engine import train as train_mod
 from pedcli.engine.batching import LoaderOptions
 from pedcli.engine.distributed import DistContext
-from pedcli.engine.embed import encode_split
-from pedcli.engine.metrics import retrieval_metrics
 from pedcli.engine.options import parse_assignments
 from pedcli.engine.runs import checkpoint_path, load_checkpoint, load_run
-from pedcli.engine.scoring import score_matrix
 from pedcli.engine.stages import set_trainable, train_mode
 from pedcli.engine.train import TrainOptions, train
 from pedcli.engine.trunk_cache import open_trunk_cache, trunk_key
@@ -40,7 +37,7 @@ def _metrics(run: Path) -> list[dict]:
 
 # ---- learning on the synthetic benchmark ------------------------------------------------------------
 @pytest.mark.slow
-def test_baseline_learns_and_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) -> None:
+def test_baseline_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     method_options = TINY_BASELINE | {
         "embed_dim": 64,
@@ -67,13 +64,8 @@ def test_baseline_learns_and_keeps_the_best_val_epoch(synth_cache: Path, tmp_pat
     assert result.best["epoch"] == best_epoch
     assert load_checkpoint(checkpoint_path(run, "best"))["epoch"] == best_epoch
 
-    method, config = load_run(run)  # best.pt, eval mode
+    method, config = load_run(run)  # best.pt, eval mode (what it retrieves: tests/test_learning.py)
     assert not method.training and config["method"] == "baseline"
-    emb = encode_split(method, synth_cache, "test", progress=False)
-    r1 = retrieval_metrics(score_matrix(method, emb.text, emb.image), emb.text_pid, emb.image_pid)["R@1"]
-    chance = 100 * (emb.text_pid[:, None] == emb.image_pid[None, :]).mean()  # R@1 of a random ranking
-    # measured 6.2x chance with this seed (4.1-6.1x over other seeds); seed 0 on one thread is deterministic
-    assert r1 >= 5 * chance, (r1, chance)
 
 
 # ---- run folders, resume ----------------------------------------------------------------------------

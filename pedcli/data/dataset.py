@@ -21,14 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pedcli.data.cache import CacheInfo, load_cache_info, part_path
+from pedcli.data.cache import REBUILD, Cache, load_cache_info, open_h5, split_code
 from pedcli.data.images import normalize_image
-from pedcli.data.schema import SPLIT_CODE, SPLITS
+from pedcli.data.schema import FLIP_PERMUTATION, IGNORE_LABEL, SPLIT_CODE, DataInfo
 from pedcli.errors import PedError
-from pedcli.models.methods.base import DataInfo
-from pedcli.pose.keypoints import FLIP_PERMUTATION
-
-IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: no identity label outside train
 
 Item = dict[str, Any]
 
@@ -55,48 +51,37 @@ class _LazyH5:
 
     def __getitem__(self, key: str) -> h5py.Dataset:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path)
             self._pid = os.getpid()
         return self._file[key]
+
+    def row(self, key: str, i: int) -> np.ndarray:
+        """Row `i` of dataset `key`; a damaged chunk is a PedError naming the part, not an OSError."""
+        try:
+            return self[key][i]
+        except OSError as e:
+            raise PedError(f"{self.path} is damaged: row {i} of '{key}' cannot be read ({e})", REBUILD) from e
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "_file": None, "_pid": -1}
 
 
-def _split_code(split: str) -> int:
-    if split not in SPLIT_CODE:
-        raise PedError(f"unknown split '{split}'", f"choose one of: {', '.join(SPLITS)}")
-    return SPLIT_CODE[split]
+CacheLike = str | Path | Cache
 
 
-def _image_table(cache: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(pid int64 [N], split code uint8 [N]) of every image in the cache."""
-    with h5py.File(part_path(cache, "images"), "r") as f:
-        return f["pid"][:].astype(np.int64), f["split"][:]
-
-
-def split_pids(cache: str | Path, split: str) -> np.ndarray:
+def split_pids(cache: CacheLike, split: str) -> np.ndarray:
     """Sorted person ids of one split."""
-    pid, code = _image_table(cache)
-    return np.unique(pid[code == _split_code(split)])
+    return load_cache_info(cache).split_pids(split)
 
 
-def num_classes(cache: str | Path) -> int:
+def num_classes(cache: CacheLike) -> int:
     """Training identities: the size of an identity-classification head."""
     return len(split_pids(cache, "train"))
 
 
-def data_info(cache: str | Path) -> DataInfo:
+def data_info(cache: CacheLike) -> DataInfo:
     """What a method needs to build its layers, read from the cache."""
-    info = load_cache_info(cache)
-    with h5py.File(part_path(cache, "text"), "r") as f:
-        vocab_size = int(f["vocab"].shape[0])
-    return DataInfo(
-        num_classes=num_classes(cache),
-        vocab_size=vocab_size,
-        image_size=info.image_size,
-        bert_model=info.bert_model,
-    )
+    return load_cache_info(cache).data_info()
 
 
 def _labels(pid: np.ndarray, code: np.ndarray) -> np.ndarray:
@@ -109,24 +94,24 @@ def _labels(pid: np.ndarray, code: np.ndarray) -> np.ndarray:
 class _CacheSplit(Dataset):
     """Common part: the cache's image table, labels and the per-process readers of images and pose."""
 
-    def __init__(self, cache: str | Path, split: str, with_pose: bool | None) -> None:
-        self.info: CacheInfo = load_cache_info(cache)
+    def __init__(self, cache: CacheLike, split: str, with_pose: bool | None) -> None:
+        self.info: Cache = load_cache_info(cache)
         self.split = split
-        self.image_pid, image_code = _image_table(cache)
+        self.image_pid, image_code = self.info.image_table
         self.image_label = _labels(self.image_pid, image_code)
-        self.image_rows = np.flatnonzero(image_code == _split_code(split))
+        self.image_rows = np.flatnonzero(image_code == split_code(split))
         self.with_pose = self.info.has_pose if with_pose is None else with_pose
         if self.with_pose and not self.info.has_pose:
             raise PedError(
-                f"{cache} has no pose maps",
+                f"{self.info.root} has no pose maps",
                 "preprocess with --pose-source blazepose|annotations, or use a method that needs no pose",
             )
-        self._images = _LazyH5(part_path(cache, "images"))
-        self._pose = _LazyH5(part_path(cache, "pose")) if self.with_pose else None
+        self._images = _LazyH5(self.info.part("images"))
+        self._pose = _LazyH5(self.info.part("pose")) if self.with_pose else None
 
     def _image_item(self, row: int, flip: bool) -> Item:
         """Image keys of one cache row: ImageNet-normalised CHW float image, pose maps, ids, flip flag."""
-        img = self._images["images"][row]
+        img = self._images.row("images", row)
         if flip:
             img = img[:, ::-1]
         item: Item = {
@@ -137,7 +122,7 @@ class _CacheSplit(Dataset):
             "label": self.image_label[row],
         }
         if self._pose is not None:
-            maps = self._pose["maps"][row].astype(np.float32)
+            maps = self._pose.row("maps", row).astype(np.float32)
             # a mirrored person swaps left and right: channel k takes keypoint FLIP_PERMUTATION[k]
             item["pose"] = np.ascontiguousarray(maps[list(FLIP_PERMUTATION), :, ::-1]) if flip else maps
         return item
@@ -146,8 +131,8 @@ class _CacheSplit(Dataset):
 class _TextRows:
     """The caption arrays of one split, in memory, plus each caption's image row."""
 
-    def __init__(self, cache: str | Path, image_rows: np.ndarray) -> None:
-        with h5py.File(part_path(cache, "text"), "r") as f:
+    def __init__(self, cache: Cache, image_rows: np.ndarray) -> None:
+        with cache.read("text") as f:
             image_index = f["image_index"][:].astype(np.int64)
             self.caption_index = np.flatnonzero(np.isin(image_index, image_rows))
             self.image_index = image_index[self.caption_index]
@@ -174,11 +159,11 @@ class CaptionDataset(_CacheSplit):
     the cache has them (or `with_pose` says so), and the caption arrays. Training pairs and text queries."""
 
     def __init__(
-        self, cache: str | Path, split: str, *, flip_prob: float = 0.0, with_pose: bool | None = None
+        self, cache: CacheLike, split: str, *, flip_prob: float = 0.0, with_pose: bool | None = None
     ) -> None:
         super().__init__(cache, split, with_pose)
         self.flip_prob = flip_prob
-        self.text = _TextRows(cache, self.image_rows)
+        self.text = _TextRows(self.info, self.image_rows)
         self.pids = self.image_pid[self.text.image_index]  # per item, for IdentityBalancedSampler
 
     def __len__(self) -> int:
@@ -194,7 +179,7 @@ class ImageDataset(_CacheSplit):
     """One item per image of `split` (gallery embedding); `flip=True` mirrors every image (and pose)."""
 
     def __init__(
-        self, cache: str | Path, split: str, *, flip: bool = False, with_pose: bool | None = None
+        self, cache: CacheLike, split: str, *, flip: bool = False, with_pose: bool | None = None
     ) -> None:
         super().__init__(cache, split, with_pose)
         self.flip = flip
@@ -210,11 +195,11 @@ class ImageDataset(_CacheSplit):
 class TextDataset(Dataset):
     """One item per caption of `split`: caption arrays and ids only, no image decoded."""
 
-    def __init__(self, cache: str | Path, split: str) -> None:
-        load_cache_info(cache)
-        image_pid, image_code = _image_table(cache)
+    def __init__(self, cache: CacheLike, split: str) -> None:
+        self.info = load_cache_info(cache)
+        image_pid, image_code = self.info.image_table
         image_label = _labels(image_pid, image_code)
-        self.text = _TextRows(cache, np.flatnonzero(image_code == _split_code(split)))
+        self.text = _TextRows(self.info, np.flatnonzero(image_code == split_code(split)))
         self.pids = image_pid[self.text.image_index]
         self.labels = image_label[self.text.image_index]
 

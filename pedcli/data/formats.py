@@ -14,17 +14,19 @@ Formats (data/README.md shows the folder layouts):
 
 Image paths in the annotation files are relative to ``ROOT/imgs/`` in the released datasets, but some
 re-packagings make them relative to ``ROOT``; the adapter probes the first records and picks the base
-that holds them, and `Record.path` is always relative to ``ROOT``.
+that holds them, and `Record.path` is relative to ``ROOT`` (an absolute annotated path stays absolute).
 
 `validate_records` then checks what a json cannot: image files that are missing, unreadable or truncated,
-empty captions, duplicate paths, unknown split names — and either fails listing them or drops them with a
-report, never silently.
+empty or wordless captions, captions with control characters, duplicate paths (compared resolved),
+paths outside ROOT, unknown split names — and either fails listing them or drops them with a report,
+never silently. An identity in two splits is always refused: it would leak a test person into training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,17 +161,31 @@ class _Entry(NamedTuple):
     keypoints: tuple[tuple[float, float, float], ...] | None
 
 
+def _integer_id(value: Any) -> int | None:
+    """An identity as an int: a JSON integer, an integral float (5.0) or a string of digits; else None
+    (5.5, 1.99, true, "abc" are refused rather than truncated, which would merge two people)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
 def _parse(entry: Any, index: int, fmt: Format, path: Path) -> _Entry:
     """Check one json record's keys and types; captions are kept as annotated (validation cleans them)."""
     raw_path = _field(entry, fmt.path_key, index, path)
     raw_pid = _field(entry, "id", index, path)
     captions = _field(entry, "captions", index, path)
-    try:
-        pid = int(raw_pid)
-    except (TypeError, ValueError) as e:
+    pid = _integer_id(raw_pid)
+    if pid is None:
         raise PedError(
-            f"{path}: record {index} has a non-integer 'id' {raw_pid!r}", "ids must be integers"
-        ) from e
+            f"{path}: record {index} has a non-integer 'id' {json.dumps(raw_pid)}",
+            "ids must be whole numbers; repair that record",
+        )
     if isinstance(captions, str):
         captions = [captions]
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
@@ -196,6 +212,10 @@ def _image_prefix(root: Path, raw_paths: Sequence[str]) -> str:
     if in_imgs > in_root or (in_imgs == in_root and (root / IMAGE_DIR).is_dir()):
         return f"{IMAGE_DIR}/"
     return ""
+
+
+def _joined(prefix: str, raw_path: str) -> str:
+    return raw_path if PurePosixPath(raw_path).is_absolute() else prefix + raw_path
 
 
 def _standard_cuhk_splits(pids: Sequence[int], path: Path) -> dict[int, str]:
@@ -240,8 +260,8 @@ def load_records(dataset: str, root: Path, annotations: Path | None = None) -> l
         by_id = _standard_cuhk_splits([e.pid for e in parsed], path)
         parsed = [e._replace(split=by_id[e.pid]) for e in parsed]
     prefix = _image_prefix(root, [e.raw_path for e in parsed])
-    records = [
-        Record(str(PurePosixPath(prefix + e.raw_path)), e.pid, str(e.split), e.captions, e.keypoints)
+    records = [  # an absolute path stays absolute (validation refuses it unless allowed outside ROOT)
+        Record(str(PurePosixPath(_joined(prefix, e.raw_path))), e.pid, str(e.split), e.captions, e.keypoints)
         for e in parsed
     ]
     return fmt.finalize(records) if fmt.finalize else records
@@ -254,7 +274,8 @@ def load_records(dataset: str, root: Path, annotations: Path | None = None) -> l
 class Problem:
     index: int  # position in the records given to validate_records
     path: str
-    # missing_image | unreadable_image | no_captions | duplicate_path | unknown_split; empty_captions (note)
+    # missing_image | unreadable_image | no_captions | bad_caption | duplicate_path | outside_root |
+    # unknown_split; empty_captions (a note)
     kind: str
     detail: str
 
@@ -301,42 +322,85 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def _control_chars(text: str) -> str:
+    """The control characters in `text` (NUL and the like break HDF5 strings and tokenizers), escaped."""
+    bad = sorted({c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"})
+    return ", ".join(repr(c) for c in bad)
+
+
+def _split_leaks(records: Sequence[Record]) -> dict[int, list[str]]:
+    """Identities annotated in more than one split, with those splits."""
+    splits: dict[int, set[str]] = {}
+    for rec in records:
+        splits.setdefault(rec.pid, set()).add(rec.split)
+    return {pid: sorted(s) for pid, s in sorted(splits.items()) if len(s) > 1}
+
+
 def validate_records(
-    records: Sequence[Record], root: Path, on_error: OnError = "fail", workers: int = 4
+    records: Sequence[Record],
+    root: Path,
+    on_error: OnError = "fail",
+    workers: int = 4,
+    *,
+    words: Callable[[str], Sequence[str]] | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[list[Record], ValidationReport]:
     """Check records against the files under `root`; `workers` threads decode the images.
 
     `fail` raises a PedError listing the problems; `skip` drops the bad records and returns the report,
-    which the caller prints or saves. Records keep only their non-empty (stripped) captions.
+    which the caller prints or saves. Records keep only their captions that are non-empty and, when the
+    caller passes its tokenizer as `words`, hold at least one word (an emoji-only caption has none).
+    Paths are compared and contained after resolving (`..`, symlinks): one that resolves outside `root`
+    is a problem unless `allow_outside_root`. ROOT/imgs may itself be a link to the image folder (a
+    common setup): what it resolves to counts as inside.
     """
     if on_error not in ("fail", "skip"):
         raise PedError(f"unknown --on-error policy '{on_error}'", "use fail or skip")
+    leaks = _split_leaks(records)
+    if leaks:
+        shown = "; ".join(f"id {pid} in {' and '.join(s)}" for pid, s in list(leaks.items())[:_SHOWN])
+        more = f" (and {len(leaks) - _SHOWN} more)" if len(leaks) > _SHOWN else ""
+        raise PedError(
+            f"{len(leaks)} identities appear in more than one split, so a test person would be trained "
+            f"on: {shown}{more}",
+            "give each identity one split (datasets split by identity; data/README.md)",
+        )
     root = Path(root)
+    inside = (root.resolve(), (root / IMAGE_DIR).resolve())
     report = ValidationReport(total=len(records))
     cleaned: list[Record] = []
-    seen: dict[str, int] = {}
+    seen: dict[Path, int] = {}
     to_decode: list[int] = []
     for i, rec in enumerate(records):
-        caps = tuple(c.strip() for c in rec.captions if c.strip())
+        caps = tuple(c.strip() for c in rec.captions if c.strip() and (words is None or words(c)))
         cleaned.append(dataclasses.replace(rec, captions=caps))
         if rec.split not in SPLITS:
             report.problems.append(
                 Problem(i, rec.path, "unknown_split", f"'{rec.split}' is not one of {SPLITS}")
             )
         if not caps:
-            report.problems.append(Problem(i, rec.path, "no_captions", "every caption is empty"))
+            report.problems.append(Problem(i, rec.path, "no_captions", "no caption has a word"))
         elif len(caps) < len(rec.captions):
+            dropped = len(rec.captions) - len(caps)
             report.notes.append(
-                Problem(
-                    i, rec.path, "empty_captions", f"dropped {len(rec.captions) - len(caps)} empty caption(s)"
-                )
+                Problem(i, rec.path, "empty_captions", f"dropped {dropped} empty or wordless caption(s)")
             )
-        if rec.path in seen:
+        control = ", ".join(filter(None, (_control_chars(c) for c in caps)))
+        if control:
             report.problems.append(
-                Problem(i, rec.path, "duplicate_path", f"same image as record {seen[rec.path]}")
+                Problem(i, rec.path, "bad_caption", f"a caption holds control characters ({control})")
+            )
+        real = (root / rec.path).resolve()
+        if not allow_outside_root and not any(real.is_relative_to(d) for d in inside):
+            report.problems.append(
+                Problem(i, rec.path, "outside_root", f"resolves to {real}, outside the root {inside[0]}")
+            )
+        elif real in seen:
+            report.problems.append(
+                Problem(i, rec.path, "duplicate_path", f"same image as record {seen[real]}")
             )
         else:
-            seen[rec.path] = i
+            seen[real] = i
             to_decode.append(i)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(lambda i: check_image(root / records[i].path), to_decode)
@@ -350,10 +414,12 @@ def validate_records(
     report.problems.sort(key=lambda p: p.index)
     bad = set(report.bad_indices)
     if bad and on_error == "fail":
+        outside = any(p.kind == "outside_root" for p in report.problems)
         raise PedError(
             f"{len(bad)} of {len(records)} records are bad:\n{report.summary()}",
             "repair or remove those files/records, or pass `--on-error skip` to drop them "
-            "(the report lists each one)",
+            "(the report lists each one)"
+            + ("; `--allow-outside-root` reads paths outside the root" if outside else ""),
         )
     kept = [rec for i, rec in enumerate(cleaned) if i not in bad]
     report.kept = len(kept)

@@ -24,15 +24,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pedcli import __version__
-from pedcli.data.cache import part_path
+from pedcli.data.cache import Cache, load_cache_info
 from pedcli.data.dataset import ImageDataset, TextDataset, collate
 from pedcli.data.images import load_rgb, normalize_image, resize_rgb
 from pedcli.engine.batching import move_batch
 from pedcli.engine.distributed import resolve_device
-from pedcli.engine.runs import load_run, resolve_checkpoint
+from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
 from pedcli.errors import PedError
-from pedcli.fileio import atomic_path, sha256_file
+from pedcli.fileio import atomic_path, check_output, sha256_file
 from pedcli.models.methods.base import Batch, Features, Method
+from pedcli.text.vocab import Vocab
 
 EMBEDDINGS_FORMAT = 1
 FLOAT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -87,7 +88,7 @@ def encode_batches(
 
 def encode_split(
     method: Method,
-    cache: str | Path,
+    cache: str | Path | Cache,
     split: str,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
@@ -96,18 +97,19 @@ def encode_split(
 ) -> Embeddings:
     """Encode every image and caption of a cache split with `method` (in eval mode)."""
     method.eval()
+    cache = load_cache_info(cache)
     images, texts = ImageDataset(cache, split), TextDataset(cache, split)
     if len(images) == 0 or len(texts) == 0:
-        raise PedError(f"split '{split}' of {cache} has no images or no captions", "pick another --split")
+        raise PedError(f"split '{split}' of {cache.root} has no images or captions", "pick another --split")
 
     def loader(ds: Dataset) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
 
     image_feats = encode_batches(method.encode_images, loader(images), device, "images", progress=progress)
     text_feats = encode_batches(method.encode_texts, loader(texts), device, "captions", progress=progress)
-    with h5py.File(part_path(cache, "images"), "r") as f:
+    with cache.read("images") as f:
         paths = f["path"].asstr()[:][images.image_rows].tolist()
-    with h5py.File(part_path(cache, "text"), "r") as f:
+    with cache.read("text") as f:
         captions = f["caption"].asstr()[:][texts.text.caption_index].tolist()
     return Embeddings(
         text=text_feats,
@@ -117,7 +119,7 @@ def encode_split(
         text_image_index=np.searchsorted(images.image_rows, texts.text.image_index).astype(np.int32),
         caption=captions,
         image_path=paths,
-        attrs={"method": method.name, "split": split, "cache": str(Path(cache).resolve())},
+        attrs={"method": method.name, "split": split, "cache": str(cache.root.resolve())},
     )
 
 
@@ -186,7 +188,7 @@ def write_embeddings(path: str | Path, emb: Embeddings, dtype: str = "float16") 
 
 def embed(
     method: Method,
-    cache: str | Path,
+    cache: str | Path | Cache,
     split: str,
     out: str | Path,
     batch_size: int = 64,
@@ -244,8 +246,11 @@ def embed_run(
     device: str | None = None,
     dtype: str = "float16",
     workers: int = 0,
+    force: bool = False,
 ) -> Path:
-    """`ped embed`: load a trained run and embed a cache split (default: the cache it was trained on)."""
+    """`ped embed`: load a trained run and embed a cache split (default: the cache it was trained on).
+    `out` is checked first: writable, and not another kind of file (unless `force`)."""
+    check_output(out, "embeddings file", is_embeddings_file, force)
     run_dir, ckpt = resolve_checkpoint(run, checkpoint)
     dev = resolve_device(device)
     method, config = load_run(run, checkpoint, device=dev)
@@ -255,5 +260,23 @@ def embed_run(
         "checkpoint_sha256": sha256_file(ckpt),
         "config": config,
     }
-    source = cache if cache is not None else config["cache"]
+    source = run_cache(run_dir, config, cache)
     return embed(method, source, split, out, batch_size, dev, attrs=attrs, dtype=dtype, workers=workers)
+
+
+def run_cache(run_dir: Path, config: dict[str, Any], cache: str | Path | None) -> Cache:
+    """The cache a run encodes (default: the one it was trained on), opened once and checked to fit the
+    run: the same vocabulary and image size, so no caption is read through another run's word ids."""
+    opened = load_cache_info(cache if cache is not None else config["cache"])
+    vocab = Vocab.load(run_dir / config.get("text", {}).get("vocab", VOCAB))
+    opened.check_fits(vocab.words, config["data_info"]["image_size"], str(config["cache"]))
+    return opened
+
+
+def is_embeddings_file(path: Path) -> bool:
+    """Whether `path` is an embeddings file `ped embed` wrote (then replacing it needs no --force)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == EMBEDDINGS_FORMAT and "image" in f and "text" in f
+    except OSError:
+        return False

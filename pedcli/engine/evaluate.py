@@ -8,6 +8,7 @@ far the fast path is from the exact one.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pedcli.engine.distributed import resolve_device
-from pedcli.engine.embed import encode_split, load_embeddings
+from pedcli.engine.embed import encode_split, load_embeddings, run_cache
 from pedcli.engine.metrics import DEFAULT_KS, retrieval_metrics
 from pedcli.engine.rerank import kreciprocal, rvn
 from pedcli.engine.runs import load_run, resolve_checkpoint
 from pedcli.engine.scoring import score_matrix, two_stage_scores
 from pedcli.errors import PedError
-from pedcli.fileio import sha256_file, write_json_atomic
+from pedcli.fileio import check_output, sha256_file, write_json_atomic
 from pedcli.models.methods.base import Features, Method
 
 RERANKERS = {"rvn": rvn, "kreciprocal": kreciprocal}
@@ -131,6 +132,20 @@ def write_metrics(path: str | Path, result: Metrics) -> Path:
     return Path(path)
 
 
+def is_metrics_file(path: Path) -> bool:
+    """Whether `path` holds a metrics record `write_metrics` wrote (then replacing it needs no --force)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and {"scoring", "t2i", "i2t"} <= record.keys()
+
+
+def check_metrics_out(path: str | Path, force: bool = False) -> None:
+    """Before any encoding: `path` can be written and is not another kind of file (unless `force`)."""
+    check_output(path, "metrics file", is_metrics_file, force)
+
+
 def _features_to(feats: Features, device: torch.device) -> Features:
     return {k: v.to(device) for k, v in feats.items()}
 
@@ -183,9 +198,9 @@ def evaluate_run(
         _check_embeddings_match(Path(embeddings), emb.attrs, config, ckpt)
         source = {"embeddings": str(Path(embeddings).resolve()), "split": emb.attrs.get("split")}
     else:
-        cache = cache if cache is not None else config["cache"]
-        emb = encode_split(method, cache, split, batch_size, dev)
-        source = {"cache": str(Path(cache).resolve()), "split": split}
+        opened = run_cache(run_dir, config, cache)
+        emb = encode_split(method, opened, split, batch_size, dev)
+        source = {"cache": str(opened.root.resolve()), "split": split}
     result = evaluate(
         method,
         _features_to(emb.text, dev),

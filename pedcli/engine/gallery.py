@@ -1,47 +1,72 @@
 """The gallery feature cache of `ped query`: every image of a folder embedded once per model.
 
-Layout (default root `GALLERY/.pedcli/`, or `--cache-dir`):
-    files.json              relative path → [size, mtime_ns, sha256]: unchanged files are not re-hashed
-    <model-key>/            one folder per (checkpoint content, method config); see `model_key`
-      store.json            generation, feature keys (dtype, shape), unreadable contents (sha → reason)
-      shas.<gen>.npy        S64 [N] content hashes, sorted: row r of every feature file is image shas[r]
-      feat.<gen>.<key>.npy  one array per feature key (floats as float16), opened memory-mapped
-      .lock                 every read and write of the store holds it (filelock)
+Layout of a cache root (`GALLERY/.pedcli/`; `--cache-dir DIR` → `DIR/<gallery slug>/`; a gallery folder this
+user cannot write → `<user cache dir>/pedcli/galleries/<gallery slug>/`, see `cache_root`):
+    catalog.sqlite         the catalogue (SQLite, WAL journal):
+      files(kind, path, size, mtime_ns, ctime_ns, inode, sha)   the hash memo: a file is hashed again only
+                           when its stat changes; ctime and inode catch a same-size replacement whose mtime
+                           was restored (ctime cannot be set by a user)
+      stores(model, generation, rows, keys)   per model: generation of its files, rows written, feature keys
+      contents(model, sha, row, failed)       content → its feature row, or why it does not decode
+    <model-key>/feat.<gen>.<key>.bin   raw row-major arrays (floats as float16), opened memory-mapped
+    <model-key>/norms.<gen>.bin        float32 1/‖global‖ per row: the exact scan's normaliser
+    <model-key>/<name>.<gen>.<...>     files derived from one generation (the faiss index: engine/index.py)
 
-Rows are keyed by file *content*, so renamed or copied files reuse their features and an edited file gets
-new ones. A writer builds the next generation's files beside the current ones, then replaces store.json
-(atomic rename), then deletes the old generation: a reader that opened its memory maps under the lock
-keeps them valid (POSIX keeps unlinked files alive while mapped). Two processes may embed the same new
-files at once; the second merge keeps one copy.
+Rows are keyed by file *content* (sha256), so renamed or copied files reuse their features and an edited
+file gets new ones. A sync hashes the files, embeds the contents the store lacks (holding no lock), then
+runs ONE write transaction: cut the row files back to the committed row count (bytes a killed writer
+appended), append the new rows, record them and the memo, forget contents no longer in the gallery, commit.
+Readers never wait (WAL) and map only committed rows, so an append never disturbs them. When dead rows
+outnumber live ones (or a feature grows wider), the transaction writes the next generation instead and
+deletes the old one's files after the commit; a reader that mapped them keeps them (POSIX keeps unlinked
+mapped files alive). A killed sync leaves the catalogue as it was; its appended bytes or next-generation
+files are removed by the next writer. A damaged catalogue or row file is rebuilt, with a message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import platformdirs
 import torch
-from filelock import FileLock
 from PIL import Image
 
 from pedcli.engine.embed import embed_images, load_rgb, stack_padded
 from pedcli.errors import PedError
-from pedcli.fileio import atomic_path, sha256_bytes, sha256_file, write_json_atomic
+from pedcli.fileio import sha256_bytes, sha256_file
 from pedcli.models.methods.base import Features, Method
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CACHE_DIRNAME = ".pedcli"
-STORE = "store.json"
-MEMO = "files.json"
-STORE_FORMAT = 1
+CATALOG = "catalog.sqlite"
+CATALOG_FORMAT = 2  # PRAGMA user_version; 1 was the JSON store (store.json, files.json)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 LOCK_TIMEOUT_S = 600.0
+COMPACT_MIN_DEAD = 1024  # dead rows are rewritten away only past this many (and past the live rows)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files(kind TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
+                                 inode INTEGER, sha TEXT, PRIMARY KEY (kind, path));
+CREATE TABLE IF NOT EXISTS stores(model TEXT PRIMARY KEY, generation INTEGER, rows INTEGER, keys TEXT);
+CREATE TABLE IF NOT EXISTS contents(model TEXT, sha TEXT, row INTEGER, failed TEXT, PRIMARY KEY (model, sha));
+"""
+
+Encoder = Callable[[Method, Sequence[np.ndarray]], Features]
+
+
+class DamagedStore(Exception):
+    """The catalogue or a row file cannot be read as written; the cache is rebuilt."""
 
 
 def find_images(gallery: Path) -> list[Path]:
@@ -66,42 +91,44 @@ def model_key(checkpoint_sha256: str, config: dict[str, Any]) -> str:
     return f"{config['method']}-{sha256_bytes(json.dumps(what, sort_keys=True).encode())[:16]}"
 
 
-class HashMemo:
-    """(path, size, mtime_ns) → sha256, so a warm query hashes only new or changed files."""
+def gallery_slug(gallery: Path) -> str:
+    """One folder per gallery in a shared cache dir, so galleries never evict each other's rows."""
+    resolved = gallery.resolve()
+    return f"{resolved.name}-{sha256_bytes(str(resolved).encode())[:12]}"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S)
-        self.entries: dict[str, list[Any]] = self._read()
-        self.changed = False
 
-    def _read(self) -> dict[str, list[Any]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}  # a lost or damaged memo only costs re-hashing
-        return data if isinstance(data, dict) else {}
+def can_write(folder: Path) -> bool:
+    """Whether this process may create files in `folder` (made if absent): tried, since permission bits,
+    read-only mounts and ACLs all decide it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
-    def sha(self, file: Path, key: str) -> str:
-        st = file.stat()
-        hit = self.entries.get(key)
-        if hit is not None and hit[:2] == [st.st_size, st.st_mtime_ns]:
-            return str(hit[2])
-        digest = sha256_file(file)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
-        self.changed = True
-        return digest
 
-    def save(self, keep: set[str] | None = None) -> None:
-        """Merge with what other processes wrote meanwhile; `keep` drops entries of removed files."""
-        if not self.changed:
-            return
-        with self.lock:
-            merged = self._read() | self.entries
-            if keep is not None:
-                merged = {k: v for k, v in merged.items() if k in keep}
-            write_json_atomic(self.path, merged)
-        self.changed = False
+def cache_root(gallery: Path, cache_dir: Path | None, log: Callable[[str], None]) -> Path:
+    """Where the gallery's feature cache lives: `--cache-dir`, else inside the gallery, else (a gallery
+    this user cannot write: a mounted evidence folder, a shared drive) the per-user cache dir, said so."""
+    if cache_dir is not None:
+        root = Path(cache_dir) / gallery_slug(gallery)
+        if not can_write(root):
+            raise PedError(f"the cache dir {cache_dir} cannot be written", "pass a writable --cache-dir")
+        return root
+    own = gallery / CACHE_DIRNAME
+    if can_write(own):
+        return own
+    root = Path(platformdirs.user_cache_dir("pedcli")) / "galleries" / gallery_slug(gallery)
+    if not can_write(root):
+        raise PedError(
+            f"neither {gallery} nor the user cache dir {root.parent} can be written",
+            "pass a writable --cache-dir",
+        )
+    log(f"{gallery} is read-only: its feature cache is kept in {root}")
+    return root
 
 
 @dataclass
@@ -115,6 +142,7 @@ class GalleryFeatures:
     generation: int
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     embedded: int = 0  # images encoded by this call (0 on a warm query)
+    inv_norms: np.ndarray | None = None  # float32 1/‖global‖ of every store row (None: computed on use)
 
     def gather(self, store_rows: np.ndarray) -> Features:
         """Float32 torch features of the given store rows (what a method's similarity expects)."""
@@ -128,122 +156,221 @@ class GalleryFeatures:
 
 @dataclass
 class _Store:
+    """One committed state of a model's store, its row files mapped."""
+
     generation: int
-    shas: np.ndarray  # S64, sorted
+    rows: int  # rows written to the row files, live or dead
+    keys: dict[str, tuple[str, tuple[int, ...]]]  # feature key → (dtype, row shape)
+    contents: dict[str, int]  # sha → row
+    failed: dict[str, str]  # sha → why it does not decode
     features: dict[str, np.ndarray]
-    failed: dict[str, str]
+    inv_norms: np.ndarray
+
+
+class Catalog:
+    """The SQLite catalogue of one cache root (see the module docstring); autocommit, explicit BEGINs."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / CATALOG
+        try:
+            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+            self._wal()
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, CATALOG_FORMAT):
+                raise DamagedStore(f"catalogue format {version}, this pedcli writes {CATALOG_FORMAT}")
+            with self.write():  # IF NOT EXISTS: racing creators agree
+                for statement in SCHEMA.split(";"):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={CATALOG_FORMAT}")
+        except sqlite3.DatabaseError as e:
+            raise damage(self.path, e) from e
+
+    def _wal(self) -> None:
+        """Switch to the WAL journal. Two processes creating the catalogue at once may see SQLITE_BUSY
+        here without the busy timeout applying (SQLite's deadlock avoidance), so wait and retry."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot (never waits for a writer)."""
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        finally:
+            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """The one writer of this catalogue (waits up to LOCK_TIMEOUT_S for another); rolled back on error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def memo(self, kind: str) -> dict[str, tuple[tuple[int, int, int, int], str]]:
+        """path → (stat key, sha256) of every memoised file of `kind`."""
+        with self.read() as db:
+            got = db.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, sha FROM files WHERE kind=?", (kind,)
+            )
+            return {p: ((s, m, c, i), sha) for p, s, m, c, i, sha in got}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def damage(path: Path, e: sqlite3.DatabaseError) -> Exception:
+    """`DamagedStore` for a damaged database file; any other database error (a lock held too long, a full
+    disk) as a clear error instead, since rebuilding would not help."""
+    if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return DamagedStore(f"{path}: {e}")
+    return PedError(f"the gallery cache {path} cannot be used ({e})", "run the query again")
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def checkpoint_sha(root: Path, checkpoint: Path) -> str:
+    """sha256 of a checkpoint, memoised in the catalogue so that it is hashed once, not on every query."""
+    catalog = _open_catalog(root, lambda _: None)
+    path = str(checkpoint.resolve())
+    key = stat_key(checkpoint.stat())
+    hit = catalog.memo("checkpoint").get(path)
+    if hit is not None and hit[0] == key:
+        catalog.close()
+        return hit[1]
+    sha = sha256_file(checkpoint)
+    with catalog.write() as db:
+        db.execute("INSERT OR REPLACE INTO files VALUES ('checkpoint', ?, ?, ?, ?, ?, ?)", (path, *key, sha))
+    catalog.close()
+    return sha
+
+
+def _open_catalog(root: Path, log: Callable[[str], None]) -> Catalog:
+    """The catalogue at `root`; a damaged one (and every row file it described) is removed and rebuilt."""
+    try:
+        return Catalog(root)
+    except DamagedStore as e:
+        log(f"the gallery cache {root} is damaged ({e}): rebuilding it")
+        _wipe(root)
+        return Catalog(root)
+
+
+def _wipe(root: Path) -> None:
+    """Remove the catalogue and the model folders of a cache root (everything in it is ours)."""
+    for f in root.iterdir():
+        if f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+        elif f.name.startswith(CATALOG):
+            f.unlink(missing_ok=True)
 
 
 class GalleryCache:
     """Per-model feature store of a gallery; `sync` brings it up to date and maps the current files."""
 
-    def __init__(self, gallery: Path, cache_root: Path, key: str) -> None:
+    def __init__(self, gallery: Path, root: Path, key: str) -> None:
         self.gallery = gallery
-        self.dir = cache_root / key
+        self.root = root
+        self.key = key
+        self.dir = root / key
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(str(self.dir / ".lock"), timeout=LOCK_TIMEOUT_S)
-        self.memo = HashMemo(cache_root / MEMO)
-
-    # ---- reading and writing generations ------------------------------------------------------------
-    def _read(self) -> _Store:
-        """The current generation, memory-mapped; call with the lock held."""
-        try:
-            meta = json.loads((self.dir / STORE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return _Store(0, np.empty(0, dtype="S64"), {}, {})
-        except json.JSONDecodeError as e:
-            raise PedError(f"{self.dir / STORE} is damaged ({e})", f"delete {self.dir} to rebuild it") from e
-        gen = meta["generation"]
-        shas = np.load(self.dir / f"shas.{gen}.npy")
-        feats = {k: np.load(self.dir / f"feat.{gen}.{k}.npy", mmap_mode="r") for k in meta["keys"]}
-        return _Store(gen, shas, feats, dict(meta["failed"]))
-
-    def _write(
-        self, shas: np.ndarray, feats: dict[str, np.ndarray], failed: dict[str, str], old: int
-    ) -> None:
-        """Write generation old + 1 and switch store.json to it; call with the lock held."""
-        gen = old + 1
-        order = np.argsort(shas, kind="stable")
-        _save_npy(self.dir / f"shas.{gen}.npy", shas[order])
-        keys = {}
-        for k, arr in feats.items():
-            _save_npy(self.dir / f"feat.{gen}.{k}.npy", arr[order])
-            keys[k] = {"dtype": str(arr.dtype), "shape": list(arr.shape[1:])}
-        write_json_atomic(
-            self.dir / STORE,
-            {
-                "format": STORE_FORMAT,
-                "generation": gen,
-                "keys": keys,
-                "failed": failed,
-                "rows": int(len(shas)),
-            },
-        )
-        for f in self.dir.iterdir():  # every generation file is NAME.GEN.…: shas, feat, norms, faiss
-            parts = f.name.split(".")
-            if len(parts) > 2 and parts[1].isdigit() and int(parts[1]) < gen:
-                f.unlink(missing_ok=True)
-
-    @contextmanager
-    def _locked(self) -> Iterator[_Store]:
-        with self.lock:
-            yield self._read()
 
     # ---- the one public operation ---------------------------------------------------------------------
     def sync(
         self,
         method: Method,
-        encode: Callable[[Method, Sequence[np.ndarray]], Features] | None = None,
+        encode: Encoder | None = None,
         batch_size: int = 32,
         log: Callable[[str], None] = lambda _: None,
+        device: str | torch.device = "cpu",
     ) -> GalleryFeatures:
-        """Hash the gallery files (memo), embed contents the store lacks, merge, and map every path to its
-        row. Unreadable files are skipped and listed, never fatal."""
-        encode = encode or _encode_arrays
-        paths, shas, skipped = self._hash_files()
-        unread: dict[str, str] = {}  # vanished or unreadable since hashed: skipped now, not remembered
-        embedded = 0
-        for _attempt in range(3):  # a concurrent writer pruned rows we counted on: look again
-            with self._locked() as store:
-                missing = _missing(shas, store, unread)
-                if not missing:
-                    return self._mapped(store, paths, shas, skipped, embedded, unread)
-            by_sha = {s: p for p, s in zip(paths, shas, strict=True)}
-            new_feats, new_failed, new_unread = self._embed(
-                [by_sha[s] for s in missing], missing, method, encode, batch_size, log
-            )
-            unread |= new_unread
-            embedded += len(new_feats[0]) if new_feats is not None else 0
-            with self._locked() as store:
-                self._merge(store, set(shas), new_feats, new_failed)
-                store = self._read()
-                if not _missing(shas, store, unread):
-                    return self._mapped(store, paths, shas, skipped, embedded, unread)
-        raise PedError(f"the feature cache {self.dir} kept changing under this query", "run the query again")
+        """Hash the gallery files (memo), embed on `device` the contents the store lacks, commit, and map
+        every path to its row. Unreadable files are skipped and listed, never fatal; a damaged cache is
+        rebuilt."""
+        encode = encode or partial(_encode_arrays, device=device)
+        try:
+            return self._sync(method, encode, batch_size, log)
+        except DamagedStore as e:
+            log(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
+            _wipe(self.root)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return self._sync(method, encode, batch_size, log)
 
-    def _hash_files(self) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
-        paths, shas, skipped = [], [], []
+    def _sync(
+        self, method: Method, encode: Encoder, batch_size: int, log: Callable[[str], None]
+    ) -> GalleryFeatures:
+        catalog = _open_catalog(self.root, log)
+        try:
+            paths, shas, memo, skipped = self._hash_files(catalog)
+            store = self._read(catalog)
+            missing = _missing(shas, store)
+            new, failed, unread = self._embed(paths, shas, missing, method, encode, batch_size, log)
+            dead = (set(store.contents) | set(store.failed)) - set(shas)
+            if missing or memo or dead:
+                try:
+                    store = self._commit(catalog, set(shas), new, failed, memo)
+                except FileNotFoundError as e:  # a row file vanished under the write lock
+                    raise DamagedStore(str(e)) from e
+            embedded = len(new[0]) if new is not None else 0
+            return self._mapped(store, paths, shas, skipped, embedded, unread)
+        except sqlite3.DatabaseError as e:
+            raise damage(catalog.path, e) from e
+        finally:
+            catalog.close()
+
+    # ---- hashing and embedding (no lock held) ---------------------------------------------------------
+    def _hash_files(
+        self, catalog: Catalog
+    ) -> tuple[list[Path], list[str], dict[str, Any], list[tuple[Path, str]]]:
+        """(paths, their sha256, memo changes {rel path: (stat key, sha) or None = forget}, skipped)."""
+        known = catalog.memo("image")
+        paths, shas, skipped, memo = [], [], [], {}
         for p in find_images(self.gallery):
             rel = p.relative_to(self.gallery).as_posix()
             try:
-                shas.append(self.memo.sha(p, rel))
+                key = stat_key(p.stat())
+                hit = known.pop(rel, None)
+                if hit is not None and hit[0] == key:
+                    sha = hit[1]
+                else:
+                    sha = sha256_file(p)
+                    memo[rel] = (key, sha)
+                shas.append(sha)
                 paths.append(p)
             except OSError as e:
                 skipped.append((p, f"cannot read the file ({e.strerror or e})"))
-        self.memo.save(keep={p.relative_to(self.gallery).as_posix() for p in paths})
-        return paths, shas, skipped
+        memo |= dict.fromkeys(known)  # files gone since the last sync
+        return paths, shas, memo, skipped
 
     def _embed(
         self,
-        files: list[Path],
+        paths: list[Path],
         shas: list[str],
+        missing: list[str],
         method: Method,
-        encode: Callable[[Method, Sequence[np.ndarray]], Features],
+        encode: Encoder,
         batch_size: int,
         log: Callable[[str], None],
     ) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
-        """Decode and encode `files` a batch at a time. Contents that do not decode go to `failed` (kept in
-        the store: reported without decoding again); files that vanished or may not be read to `unread`."""
+        """Decode and encode the files of the `missing` contents a batch at a time. Contents that do not
+        decode go to `failed` (kept in the store: reported without decoding again); files that vanished or
+        may not be read to `unread` (skipped now, not remembered)."""
+        if not missing:
+            return None, {}, {}
+        by_sha = {s: p for p, s in zip(paths, shas, strict=True)}
+        files = [by_sha[s] for s in missing]
         done: list[str] = []
         parts: dict[str, list[torch.Tensor]] = {}
         failed: dict[str, str] = {}
@@ -251,7 +378,7 @@ class GalleryCache:
         log(f"embedding {len(files)} new image(s)")
         for s in range(0, len(files), batch_size):
             arrays, ok = [], []
-            for f, sha in zip(files[s : s + batch_size], shas[s : s + batch_size], strict=True):
+            for f, sha in zip(files[s : s + batch_size], missing[s : s + batch_size], strict=True):
                 try:
                     arrays.append(load_rgb(f))
                     ok.append(sha)
@@ -266,39 +393,148 @@ class GalleryCache:
         new = (done, {k: stack_padded(v) for k, v in parts.items()}) if done else None
         return new, failed, unread
 
-    def _merge(
+    # ---- reading and writing the store ----------------------------------------------------------------
+    def _read(self, catalog: Catalog) -> _Store:
+        """The committed store, mapped. A generation switch between reading the catalogue and opening the
+        files (a compaction deleted them) is read again; files missing under a steady catalogue are damage."""
+        for _attempt in range(3):
+            with catalog.read() as db:
+                store = self._load(db)
+            try:
+                return self._map(store)
+            except FileNotFoundError:
+                continue
+        raise DamagedStore(f"the row files of {self.dir} are missing")
+
+    def _load(self, db: sqlite3.Connection) -> _Store:
+        got = db.execute("SELECT generation, rows, keys FROM stores WHERE model=?", (self.key,)).fetchone()
+        gen, rows, keys = got if got is not None else (0, 0, "{}")
+        contents, failed = {}, {}
+        for sha, row, why in db.execute("SELECT sha, row, failed FROM contents WHERE model=?", (self.key,)):
+            if row is None:
+                failed[sha] = why
+            else:
+                contents[sha] = row
+        shapes = {k: (d, tuple(s)) for k, (d, s) in json.loads(keys).items()}
+        return _Store(gen, rows, shapes, contents, failed, {}, np.empty(0, np.float32))
+
+    def _map(self, store: _Store) -> _Store:
+        store.features = {
+            k: _open_rows(self._file(store.generation, k), dtype, (store.rows, *shape))
+            for k, (dtype, shape) in store.keys.items()
+        }
+        if "global" in store.keys:
+            store.inv_norms = _open_rows(self._file(store.generation, None), "float32", (store.rows,))
+        return store
+
+    def _file(self, generation: int, key: str | None) -> Path:
+        """A row file: feat.<gen>.<key>.bin, or norms.<gen>.bin for key None."""
+        return self.dir / (f"feat.{generation}.{key}.bin" if key is not None else f"norms.{generation}.bin")
+
+    def _commit(
         self,
-        store: _Store,
+        catalog: Catalog,
         keep: set[str],
         new: tuple[list[str], Features] | None,
         new_failed: dict[str, str],
-    ) -> None:
-        """Store rows of `keep` (the current gallery) plus the new ones; rows of removed files are dropped."""
-        old = store.shas.astype(str)
-        kept_rows = np.flatnonzero(np.isin(old, list(keep)))
-        new_shas: list[str] = []
-        new_idx: list[int] = []
-        if new is not None:
-            present = set(old[kept_rows])
-            for i, s in enumerate(new[0]):
-                if s not in present:
-                    new_shas.append(s)
-                    new_idx.append(i)
-        feats: dict[str, np.ndarray] = {}
-        keys = set(store.features) | (set(new[1]) if new is not None else set())
-        for k in keys:
-            blocks = []
-            if k in store.features and len(kept_rows):
-                blocks.append(torch.from_numpy(np.asarray(store.features[k][kept_rows])))
-            if new is not None and new_idx:
-                v = new[1][k][new_idx]
-                blocks.append(v.half() if v.is_floating_point() else v)
-            if blocks:
-                feats[k] = stack_padded(blocks).numpy()
-        shas = np.array(list(old[kept_rows]) + new_shas, dtype="S64")
-        failed = {s: r for s, r in (store.failed | new_failed).items() if s in keep}
-        if feats or failed != store.failed or len(shas) != len(old):
-            self._write(shas, feats, failed, store.generation)
+        memo: dict[str, Any],
+    ) -> _Store:
+        """The one write transaction of a sync (see the module docstring); returns the store it committed,
+        mapped before the commit so that no compaction can remove its files first."""
+        old_generation = None
+        with catalog.write() as db:
+            store = self._load(db)
+            self._tidy(store)
+            dead = [s for s in store.contents if s not in keep]
+            db.executemany("DELETE FROM contents WHERE model=? AND sha=?", [(self.key, s) for s in dead])
+            db.executemany(
+                "DELETE FROM contents WHERE model=? AND sha=?",
+                [(self.key, s) for s in store.failed if s not in keep],
+            )
+            live = {s: r for s, r in store.contents.items() if s in keep}
+            add_shas, add = _new_rows(new, live, store.failed)
+            keys = _widest(store.keys, add)
+            compact = keys != store.keys or (
+                len(dead) + store.rows - len(store.contents) > max(COMPACT_MIN_DEAD, len(live))
+            )
+            if compact:
+                old_generation = store.generation
+                store = self._rewrite(self._map(store), live, keys)
+                db.executemany(
+                    "UPDATE contents SET row=? WHERE model=? AND sha=?",
+                    [(r, self.key, s) for s, r in store.contents.items()],
+                )
+            if add_shas:
+                first = self._append(store, add)
+                db.executemany(
+                    "INSERT OR REPLACE INTO contents VALUES (?, ?, ?, NULL)",
+                    [(self.key, s, first + i) for i, s in enumerate(add_shas)],
+                )
+            db.executemany(
+                "INSERT OR IGNORE INTO contents VALUES (?, ?, NULL, ?)",
+                [(self.key, s, why) for s, why in new_failed.items()],
+            )
+            db.executemany(
+                "DELETE FROM files WHERE kind='image' AND path=?",
+                [(p,) for p, v in memo.items() if v is None],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO files VALUES ('image', ?, ?, ?, ?, ?, ?)",
+                [(p, *v[0], v[1]) for p, v in memo.items() if v is not None],
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO stores VALUES (?, ?, ?, ?)",
+                (self.key, store.generation, store.rows, json.dumps(store.keys)),
+            )
+            committed = self._map(self._load(db))
+        if old_generation is not None:
+            self._drop(lambda gen: gen == old_generation)
+        return committed
+
+    def _tidy(self, store: _Store) -> None:
+        """Remove what no committed state refers to: files of other generations (a finished compaction's
+        old ones, a killed one's new ones, derived files made for them) and bytes past the committed rows
+        (a killed writer's append). Call with the write lock held."""
+        self._drop(lambda gen: gen != store.generation)
+        for k, (dtype, shape) in [*store.keys.items(), *([(None, ("float32", ()))] if store.keys else [])]:
+            path = self._file(store.generation, k)
+            size = store.rows * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if path.is_file() and path.stat().st_size > size:
+                os.truncate(path, size)
+
+    def _drop(self, which: Callable[[int], bool]) -> None:
+        """Delete the generation files (every name is NAME.GEN.…) of the generations `which` picks."""
+        for f in self.dir.iterdir():
+            parts = f.name.split(".")
+            if len(parts) > 2 and parts[1].isdigit() and which(int(parts[1])):
+                f.unlink(missing_ok=True)
+
+    def _rewrite(self, store: _Store, live: dict[str, int], keys: dict[str, Any]) -> _Store:
+        """Generation + 1 holding only the live rows (renumbered), each feature padded to `keys`' shape."""
+        order = sorted(live, key=live.__getitem__)
+        rows = np.array([live[s] for s in order], dtype=np.int64)
+        gen = store.generation + 1
+        out = _Store(gen, 0, keys, {s: i for i, s in enumerate(order)}, store.failed, {}, np.empty(0))
+        block = {k: _fit(np.asarray(store.features[k][rows]), keys[k]) for k in store.features}
+        if len(rows):
+            self._append(out, block, norms=store.inv_norms[rows] if "global" in store.keys else None)
+        return out
+
+    def _append(self, store: _Store, block: dict[str, np.ndarray], norms: np.ndarray | None = None) -> int:
+        """Append rows to the row files (flushed to disk before the commit that names them); their first
+        row number. Features are padded to the store's shapes; the norms are computed unless given."""
+        n = len(next(iter(block.values())))
+        arrays = {k: _fit(v, store.keys[k]) for k, v in block.items()}
+        if "global" in arrays:
+            arrays[None] = norms if norms is not None else _inverse_norms(arrays["global"])  # type: ignore[index]
+        for k, arr in arrays.items():
+            with open(self._file(store.generation, k), "ab") as f:
+                f.write(np.ascontiguousarray(arr).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        first = store.rows
+        store.rows += n
+        return first
 
     def _mapped(
         self,
@@ -311,37 +547,85 @@ class GalleryCache:
     ) -> GalleryFeatures:
         """Each usable path's store row; paths whose content could not be decoded or read join `skipped`."""
         why = store.failed | unread
-        bad = [s in why for s in shas]
-        skipped = skipped + [(p, why[s]) for p, s, b in zip(paths, shas, bad, strict=True) if b]
-        keep = [(p, s) for p, s, b in zip(paths, shas, bad, strict=True) if not b]
-        wanted = np.array([s for _, s in keep], dtype="S64")
-        rows = np.searchsorted(store.shas, wanted).astype(np.int64)
-        if len(rows) and (rows.max() >= len(store.shas) or (store.shas[rows] != wanted).any()):
-            raise PedError(
-                f"the feature cache {self.dir} is inconsistent", f"delete {self.dir} to rebuild it"
-            )
+        keep = [(p, s) for p, s in zip(paths, shas, strict=True) if s not in why]
+        skipped = skipped + [(p, why[s]) for p, s in zip(paths, shas, strict=True) if s in why]
+        absent = [p for p, s in keep if s not in store.contents]
+        if absent:
+            raise DamagedStore(f"no row for {absent[0]}")
+        rows = np.array([store.contents[s] for _, s in keep], dtype=np.int64)
         return GalleryFeatures(
-            [p for p, _ in keep], rows, store.features, self.dir, store.generation, skipped, embedded
+            [p for p, _ in keep],
+            rows,
+            store.features,
+            self.dir,
+            store.generation,
+            skipped,
+            embedded,
+            store.inv_norms if "global" in store.keys else None,
         )
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, arr)
+def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The first shape[0] rows of a row file, memory-mapped (FileNotFoundError when it is gone)."""
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size if need or path.exists() else 0
+    if size < need:
+        raise DamagedStore(f"{path} holds {size} bytes, {need} were committed")
+    if need == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
-def _missing(shas: list[str], store: _Store, unread: dict[str, str]) -> list[str]:
-    """Contents of the gallery that the store has neither features nor a decode failure for."""
-    wanted = np.unique(np.array(shas, dtype="S64"))
-    absent = wanted[~np.isin(wanted, store.shas)].astype(str)
-    return [s for s in absent if s not in store.failed and s not in unread]
+def _new_rows(
+    new: tuple[list[str], Features] | None, live: dict[str, int], failed: dict[str, str]
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The embedded contents no other writer stored meanwhile, as numpy blocks (floats as float16)."""
+    if new is None:
+        return [], {}
+    pick = [i for i, s in enumerate(new[0]) if s not in live and s not in failed]
+    block = {}
+    for k, v in new[1].items():
+        v = v[pick]
+        block[k] = (v.half() if v.is_floating_point() else v).numpy()
+    return [new[0][i] for i in pick], block if pick else {}
 
 
-def _encode_arrays(method: Method, arrays: Sequence[np.ndarray]) -> Features:
-    """Gallery images → features, prepared exactly as `ped embed` prepares loose images (plus pose maps
-    from BlazePose for methods that read them)."""
+def _widest(keys: dict[str, Any], block: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Stored keys widened to hold `block` (e.g. a batch padded to more words than the stored rows)."""
+    out = dict(keys)
+    for k, v in block.items():
+        shape = tuple(v.shape[1:])
+        if k in out:
+            shape = tuple(max(a, b) for a, b in zip(out[k][1], shape, strict=True))
+        out[k] = (str(v.dtype), shape)
+    return out
+
+
+def _fit(arr: np.ndarray, spec: tuple[str, tuple[int, ...]]) -> np.ndarray:
+    """`arr` zero-padded to the row shape of `spec` and cast to its dtype."""
+    dtype, shape = spec
+    pad = [(0, 0)] + [(0, want - have) for have, want in zip(arr.shape[1:], shape, strict=True)]
+    padded = np.pad(arr, pad) if any(p for _, p in pad) else arr
+    return padded.astype(dtype, copy=False)
+
+
+def _inverse_norms(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows.astype(np.float32), axis=1)
+    return np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+
+
+def _missing(shas: list[str], store: _Store) -> list[str]:
+    """Contents of the gallery that the store has neither features nor a decode failure for (each once)."""
+    return [s for s in dict.fromkeys(shas) if s not in store.contents and s not in store.failed]
+
+
+def _encode_arrays(
+    method: Method, arrays: Sequence[np.ndarray], device: str | torch.device = "cpu"
+) -> Features:
+    """Gallery images → features on `device`, prepared exactly as `ped embed` prepares loose images (plus
+    pose maps from BlazePose for methods that read them)."""
     pose = pose_maps(method, arrays) if method.needs_pose else None
-    return embed_images(method, list(arrays), batch_size=len(arrays), pose=pose)
+    return embed_images(method, list(arrays), batch_size=len(arrays), device=device, pose=pose)
 
 
 def pose_maps(method: Method, arrays: Sequence[np.ndarray]) -> np.ndarray:

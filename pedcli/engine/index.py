@@ -65,7 +65,7 @@ def flat_search(
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for s in range(0, base.shape[0], FLAT_CHUNK):
         chunk = torch.from_numpy(np.array(base[s : s + FLAT_CHUNK]))
-        scores = (q.to(chunk.dtype) @ chunk.T).float() * torch.from_numpy(inv[s : s + FLAT_CHUNK])
+        scores = (q.to(chunk.dtype) @ chunk.T).float() * torch.from_numpy(np.array(inv[s : s + FLAT_CHUNK]))
         vals, cols = top_k(scores.numpy(), k)
         best_s, merged = top_k(np.concatenate([best_s, vals], 1), k)
         best_i = np.take_along_axis(np.concatenate([best_i, cols + s], 1), merged, axis=1)
@@ -84,7 +84,7 @@ class FaissIndex:
         self.index = index
 
     @staticmethod
-    def _faiss():  # noqa: ANN205  (the module has no type stubs)
+    def _faiss():
         try:
             import faiss
         except ImportError:
@@ -144,16 +144,6 @@ def choose_index(kind: str, n: int) -> str:
     if kind not in INDEX_KINDS:
         raise PedError(f"unknown index {kind!r}", f"choose one of {', '.join(INDEX_KINDS)}")
     return ("flat" if n <= FLAT_LIMIT else "faiss") if kind == "auto" else kind
-
-
-def cached_norms(base: np.ndarray, path: Path) -> np.ndarray:
-    """`inverse_norms(base)` saved at `path` (once per store generation), or loaded from there."""
-    if path.is_file():
-        return np.load(path)
-    inv = inverse_norms(base)
-    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, inv)
-    return inv
 
 
 def cached_faiss(base: np.ndarray, path: Path) -> FaissIndex:

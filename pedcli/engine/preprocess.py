@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +25,35 @@ import h5py
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pedcli import __version__
-from pedcli.data.cache import CACHE_FORMAT, META, CacheInfo, load_cache_info, part_digest, part_path
+from pedcli.data.cache import CACHE_FORMAT, META, REBUILD, Cache, load_cache_info, part_digest, part_path
 from pedcli.data.formats import annotation_path, load_records, validate_records
 from pedcli.data.images import load_rgb, resize_rgb
-from pedcli.data.schema import SPLIT_CODE, SPLITS, Record
+from pedcli.data.schema import DEFAULT_IMAGE_SIZE, POSE_STRIDE, SPLIT_CODE, SPLITS, Record
 from pedcli.errors import PedError
-from pedcli.fileio import atomic_path, sha256_bytes, sha256_file, write_json_atomic
+from pedcli.fileio import (
+    atomic_path,
+    check_writable,
+    remove_stale_partials_in,
+    sha256_bytes,
+    sha256_file,
+    write_json_atomic,
+)
 from pedcli.text import TextOptions, TextPipeline, Vocab, vocab_from_records
 from pedcli.text.pipeline import TEXT_ARRAYS
+from pedcli.text.tokenize import tokenize_words
 
 POSE_SOURCES = ("blazepose", "annotations", "none")
-POSE_STRIDE = 8  # pose maps at 1/8 of the image size: BlazePose's own heatmap resolution for a person crop
+HOW_WE_RAN = ("workers", "on_error", "allow_outside_root")  # options that do not change what is built
 
 
 @dataclass(frozen=True)
 class PreprocessOptions:
-    image_size: tuple[int, int] = (384, 128)
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     pose_source: str = "blazepose"
     np_backend: str = "nltk"
     bert_model: str | None = None
@@ -51,6 +61,7 @@ class PreprocessOptions:
     on_error: str = "fail"
     workers: int = 0  # 0 = one per CPU core
     shard_size: int = 128
+    allow_outside_root: bool = False  # read annotation paths that resolve outside --root
 
     def __post_init__(self) -> None:
         if self.pose_source not in POSE_SOURCES:
@@ -195,11 +206,27 @@ def _run_parts(parts: Sequence[_Part], cache: Path, workers: int, console: Conso
                 progress.advance(bars[name])
             return
         ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_exit_with_parent
+        ) as pool:
             futures = {pool.submit(fn, *args): name for name, fn, args in pending}
             for fut in cf.as_completed(futures):
                 fut.result()  # re-raise a worker's PedError as is
                 progress.advance(bars[futures[fut]])
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: a worker exits as soon as the process that started it dies (even by kill -9),
+    instead of living on as an orphan that holds its text and pose models in memory."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _shards(part: _Part, cache: Path) -> list[dict[str, np.ndarray]]:
@@ -249,16 +276,24 @@ def run_preprocess(
     opts: PreprocessOptions,
     annotations: Path | None = None,
     console: Console | None = None,
-) -> CacheInfo:
-    """Build (or finish building) the cache for `dataset` under `out`; returns its info."""
+) -> Cache:
+    """Build (or finish building, or repair) the cache for `dataset` under `out`; returns it opened."""
     root, out = Path(root), Path(out)
     say = console.print if console else (lambda *a, **k: None)
+    check_writable(out, folder=True)
     ann = annotation_path(dataset, root, annotations)
+    topts = TextOptions(phrase_backend=opts.np_backend, bert_model=opts.bert_model, min_count=opts.min_count)
     records, report = validate_records(
-        load_records(dataset, root, annotations), root, on_error=opts.on_error, workers=opts.n_workers() * 2
+        load_records(dataset, root, annotations),
+        root,
+        on_error=opts.on_error,
+        workers=opts.n_workers() * 2,
+        words=lambda caption: tokenize_words(caption, topts.keep_punct),
+        allow_outside_root=opts.allow_outside_root,
     )
     if report.problems or report.notes:
-        say(f"[yellow]{report.summary()}[/]\n  (all listed in {out / 'validation.json'})", highlight=False)
+        shown = escape(f"{report.summary()}\n  (all listed in {out / 'validation.json'})")
+        say(f"[yellow]{shown}[/]", highlight=False)
     if not records:
         raise PedError(f"no usable records in {ann}", "check the annotation file and image folder")
     source = {"annotations": str(ann.resolve()), "annotations_sha256": sha256_file(ann),
@@ -267,23 +302,19 @@ def run_preprocess(
         "pose_size": list(opts.pose_size),
         "image_size": list(opts.image_size),
     }
-    del options["workers"], options["on_error"]  # how we ran, not what we built
+    for key in HOW_WE_RAN:
+        del options[key]
     build_key = sha256_bytes(json.dumps({"source": source, "options": options}, sort_keys=True).encode())
 
     if (out / META).is_file():
-        meta = json.loads((out / META).read_text(encoding="utf-8"))
-        if meta.get("build_key") == build_key:
-            say(f"cache {out} is up to date")
-            return load_cache_info(out)
-        raise PedError(
-            f"{out} already holds a cache built from other data or options",
-            "choose another --out, or delete that folder to rebuild it",
-        )
+        done = _finished_cache(out, build_key, say)
+        if done is not None:
+            return done
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials_in(out)
     write_json_atomic(out / "validation.json", report.to_dict())
 
     # Vocabulary from train captions only (words seen fewer than min_count times dropped, as PMA does).
-    topts = TextOptions(phrase_backend=opts.np_backend, bert_model=opts.bert_model, min_count=opts.min_count)
     vocab = vocab_from_records(records, topts)
     _check_text_models(topts)
     pipeline = TextPipeline(vocab, topts)
@@ -322,10 +353,38 @@ def run_preprocess(
         "counts": counts,
         "versions": _versions(),
         "parts": hashes,
+        "part_bytes": {name: part_path(out, name).stat().st_size for name in hashes},
     }
     write_json_atomic(out / META, meta)
     shutil.rmtree(out / ".work", ignore_errors=True)
-    say(f"[green]wrote cache {out}[/]: " + ", ".join(f"{s} {counts['images'][s]} images" for s in SPLITS))
+    written = ", ".join(f"{s} {counts['images'][s]} images" for s in SPLITS)
+    say(f"[green]wrote cache {escape(str(out))}[/]: {written}", highlight=False)
+    return load_cache_info(out)
+
+
+def _finished_cache(out: Path, build_key: str, say: Callable[..., None]) -> Cache | None:
+    """The cache at `out` when it was built from the same data and options and every part matches its
+    digest; None when it must be built again (its meta.json is damaged, or a part is missing or
+    damaged: meta.json is then removed, so the rebuild rewrites the parts). Other data: refused."""
+    meta_path = out / META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        say(f"[yellow]{escape(str(meta_path))} is damaged: building the cache again[/]", highlight=False)
+        meta_path.unlink()
+        return None
+    if not isinstance(meta, dict) or meta.get("build_key") != build_key:
+        raise PedError(
+            f"{out} already holds a cache built from other data or options",
+            "choose another --out, or delete that folder to rebuild it",
+        )
+    bad = Cache(out, meta).damaged_parts()
+    if bad:
+        shown = escape(", ".join(str(part_path(out, b)) for b in bad))
+        say(f"[yellow]{shown}: missing or damaged, building the cache again[/]", highlight=False)
+        meta_path.unlink()
+        return None
+    say(f"cache {escape(str(out))} is up to date", highlight=False)
     return load_cache_info(out)
 
 
@@ -397,17 +456,19 @@ def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
     """Validate a cache against its meta record and summarise it; PedError on any inconsistency."""
     info = load_cache_info(cache)
     meta = info.meta
-    for part, digest in meta["parts"].items():
-        if part_digest(part_path(cache, part)) != digest:
-            raise PedError(f"{part_path(cache, part)} does not match its meta.json hash", "rebuild the cache")
-    with h5py.File(part_path(cache, "images"), "r") as f:
+    bad = info.damaged_parts()
+    if bad:
+        raise PedError(
+            f"{', '.join(str(info.part(b)) for b in bad)}: content differs from meta.json (damaged)", REBUILD
+        )
+    with info.read("images") as f:
         n_img = f["images"].shape[0]
         split = f["split"][:]
         if f["images"].shape[1:3] != tuple(info.image_size):
             raise PedError(
                 f"{cache}: image size {f['images'].shape[1:3]} ≠ meta {info.image_size}", "rebuild"
             )
-    with h5py.File(part_path(cache, "text"), "r") as f:
+    with info.read("text") as f:
         idx = f["image_index"][:]
         n_phr = f["n_phrases"][:]
         vocab_size = f["vocab"].shape[0]
@@ -421,11 +482,11 @@ def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
         "pose": "none",
     }
     if info.has_pose:
-        with h5py.File(part_path(cache, "pose"), "r") as f:
+        with info.read("pose") as f:
             peak = np.asarray([float(m.max()) for m in f["maps"]])
             summary["pose"] = f"{f.attrs['source']}: {np.mean(peak > 0.3):.1%} of images with a confident map"
     if console is not None:
-        table = Table(title=f"cache {cache} ({meta['dataset']})")
+        table = Table(title=escape(f"cache {cache} ({meta['dataset']})"))
         table.add_column("split")
         table.add_column("images", justify="right")
         table.add_column("captions", justify="right")

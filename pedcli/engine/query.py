@@ -24,12 +24,11 @@ import torch
 from pedcli.data.dataset import TEXT_BATCH_KEYS
 from pedcli.engine.distributed import resolve_device
 from pedcli.engine.explain_view import View, views
-from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, GalleryFeatures, HashMemo, model_key
-from pedcli.engine.index import cached_faiss, cached_norms, choose_index, flat_search
+from pedcli.engine.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
+from pedcli.engine.index import cached_faiss, choose_index, flat_search, inverse_norms
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
-from pedcli.engine.scoring import DEFAULT_PAIR_CHUNK
+from pedcli.engine.scoring import shortlist_scores
 from pedcli.errors import PedError
-from pedcli.fileio import sha256_bytes
 from pedcli.models.methods.base import Batch, Features, Method, index_features
 from pedcli.text.pipeline import TextPipeline
 from pedcli.text.vocab import Vocab
@@ -50,6 +49,7 @@ class QueryResult:
     query: str
     matches: list[Match]
     phrases: list[str] = field(default_factory=list)  # the query's noun phrases, as the pipeline found them
+    unknown: list[str] = field(default_factory=list)  # the query's words outside the run's vocabulary
 
 
 @dataclass
@@ -109,26 +109,13 @@ def shortlist_rows(
     in_gallery = np.zeros(base.shape[0], dtype=bool)
     in_gallery[gallery.rows] = True
     fetch = min(base.shape[0], k + int((~in_gallery).sum()))  # rows of other gallery states never win
-    tag = f"{gallery.generation}"
+    tag = f"{gallery.generation}.{base.shape[0]}"
     if index == "faiss":
         _, rows = cached_faiss(base, gallery.store_dir / f"faiss.{tag}.ivf.index").search(query_global, fetch)
     else:
-        inv = cached_norms(base, gallery.store_dir / f"norms.{tag}.npy")
+        inv = gallery.inv_norms if gallery.inv_norms is not None else inverse_norms(base)
         _, rows = flat_search(base, query_global, fetch, inv)
     return [r[(r >= 0) & in_gallery[np.maximum(r, 0)]][:k] for r in rows]
-
-
-@torch.inference_mode()
-def rescore(method: Method, text: Features, image: Features, device: torch.device) -> np.ndarray:
-    """Exact scores of one query against each image row (pairs, in chunks of the eval engine's size)."""
-    n = next(iter(image.values())).shape[0]
-    out = np.empty(n, dtype=np.float32)
-    for s in range(0, n, DEFAULT_PAIR_CHUNK):
-        img = {k: v.to(device) for k, v in index_features(image, slice(s, s + DEFAULT_PAIR_CHUNK)).items()}
-        m = next(iter(img.values())).shape[0]
-        txt = {k: v.to(device).expand(m, *v.shape[1:]) for k, v in text.items()}
-        out[s : s + m] = method.pair_similarity(txt, img).float().cpu().numpy()
-    return out
 
 
 def rank_query(
@@ -143,7 +130,8 @@ def rank_query(
     """(store row, exact score) of the best `top` shortlisted rows scoring at least `min_score`."""
     if len(rows) == 0:
         return []
-    scores = rescore(method, text, gallery.gather(rows), device)
+    shortlist = torch.arange(len(rows))[None]  # the one query against every row gathered
+    scores = shortlist_scores(method, text, gallery.gather(rows), shortlist, device=device)[0].numpy()
     order = np.lexsort((rows, -scores))
     ranked = [(int(rows[i]), float(scores[i])) for i in order]
     if min_score is not None:
@@ -180,8 +168,9 @@ def query_gallery(
     dev = resolve_device(device)
     method, config = load_run(run, checkpoint, device=dev)
     pipeline = text_pipeline(run_dir, config)
-    root = gallery / CACHE_DIRNAME if cache_dir is None else Path(cache_dir) / gallery_slug(gallery)
-    feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log)
+    unknown = pipeline.unknown_words(queries)  # a query of unknown words only is refused here
+    root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)
+    feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log, dev)
     kind = choose_index(index, len(feats.rows))
     text, phrases = encode_queries(method, pipeline, queries, dev)
     shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
@@ -198,9 +187,10 @@ def query_gallery(
         shown = [View() for _ in matched]
         if explain and matched:
             picked = feats.gather(np.array([r for _, _, r in matched]))
-            shown = views(method.explain(t, picked), len(matched), phrases[qi])
+            on_dev = {k: v.to(dev) for k, v in t.items()}, {k: v.to(dev) for k, v in picked.items()}
+            shown = views(method.explain(*on_dev), len(matched), phrases[qi])
         matches = [Match(i + 1, s, p, v) for i, ((p, s, _), v) in enumerate(zip(matched, shown, strict=True))]
-        results.append(QueryResult(q, matches, phrases[qi]))
+        results.append(QueryResult(q, matches, phrases[qi], unknown[qi]))
     return QueryReport(
         run_dir,
         ckpt,
@@ -222,19 +212,12 @@ def gallery_features(
     root: Path,
     batch_size: int,
     log: Callable[[str], None],
+    device: torch.device,
 ) -> GalleryFeatures:
-    """The gallery's features under `root`, in the folder of this model (checkpoint content + config)."""
-    root.mkdir(parents=True, exist_ok=True)
-    memo = HashMemo(root / "checkpoints.json")  # a checkpoint is hashed once, not on every query
-    sha = memo.sha(checkpoint.resolve(), str(checkpoint.resolve()))
-    memo.save()
-    return GalleryCache(gallery, root, model_key(sha, config)).sync(method, batch_size=batch_size, log=log)
-
-
-def gallery_slug(gallery: Path) -> str:
-    """A shared --cache-dir holds one folder per gallery, so galleries never evict each other's rows."""
-    resolved = gallery.resolve()
-    return f"{resolved.name}-{sha256_bytes(str(resolved).encode())[:12]}"
+    """The gallery's features under `root`, in the folder of this model (checkpoint content + config),
+    new images embedded on `device`."""
+    key = model_key(checkpoint_sha(root, checkpoint), config)
+    return GalleryCache(gallery, root, key).sync(method, batch_size=batch_size, log=log, device=device)
 
 
 def read_queries(path: str | Path) -> list[str]:

@@ -3,7 +3,8 @@
 JSON (`QUERY_JSON_FORMAT`):
     {"format": 1, "run": str, "checkpoint": str, "method": str, "gallery": str, "index": "flat"|"faiss",
      "gallery_size": int, "embedded": int, "skipped": [{"path": str, "reason": str}],
-     "queries": [{"query": str, "phrases": [str], "results": [{"rank": int, "score": float, "path": str}]}]}
+     "queries": [{"query": str, "phrases": [str], "unknown_words": [str],
+                  "results": [{"rank": int, "score": float, "path": str}]}]}
 The HTML page embeds each thumbnail as a base64 JPEG (no file beside it is needed) and, where the method
 explains its matches, draws the attention over the thumbnail and lists the noun phrases with the part
 each one matched.
@@ -20,8 +21,10 @@ from typing import Any
 
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from pedcli.data.images import load_rgb
 from pedcli.engine.explain_view import View
 from pedcli.engine.query import QueryReport
 from pedcli.fileio import write_text_atomic
@@ -45,6 +48,7 @@ def to_json(report: QueryReport) -> dict[str, Any]:
             {
                 "query": res.query,
                 "phrases": res.phrases,
+                "unknown_words": res.unknown,
                 "results": [
                     {"rank": m.rank, "score": round(m.score, 6), "path": str(m.path.resolve())}
                     for m in res.matches
@@ -57,13 +61,20 @@ def to_json(report: QueryReport) -> dict[str, Any]:
 
 def print_tables(report: QueryReport, console: Console) -> None:
     for res in report.results:
-        table = Table(title=f"“{res.query}”", title_justify="left")
+        unknown = f"words not in the run's vocabulary: {', '.join(res.unknown)}" if res.unknown else None
+        table = Table(
+            title=escape(f"“{res.query}”"),
+            title_justify="left",
+            caption=escape(unknown) if unknown else None,
+            caption_justify="left",
+        )
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
         table.add_column("path")
         for m in res.matches:
-            table.add_row(str(m.rank), f"{m.score:.4f}", _shown_path(m.path, report.gallery))
-        console.print(table if res.matches else f"“{res.query}”: no match")
+            table.add_row(str(m.rank), f"{m.score:.4f}", escape(_shown_path(m.path, report.gallery)))
+        no_match = f"“{res.query}”: no match" + (f" ({unknown})" if unknown else "")
+        console.print(table if res.matches else escape(no_match))
 
 
 def _shown_path(path: Path, gallery: Path) -> str:
@@ -73,14 +84,18 @@ def _shown_path(path: Path, gallery: Path) -> str:
         return str(path)
 
 
+def thumbnail_jpeg(path: Path) -> bytes:
+    """A small JPEG of the image (the HTML page embeds it, `ped serve` sends it)."""
+    im = Image.fromarray(load_rgb(path))  # 16-bit images scaled, not clipped to white
+    im.thumbnail((THUMB_HW[1], THUMB_HW[0]))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
 def thumbnail_uri(path: Path) -> str:
     """A small JPEG of the image as a data: URI."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((THUMB_HW[1], THUMB_HW[0]))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(path)).decode("ascii")
 
 
 def _overlay(view: View) -> str:

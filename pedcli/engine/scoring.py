@@ -1,8 +1,9 @@
 """Score every text against every image with a method, exactly or in two stages, in bounded memory.
 
 Exact: `method.similarity` over text × image feature chunks. Two-stage: a cheap cosine shortlist of the
-"global" features, then `method.pair_similarity` on the shortlisted pairs only (flattened, in chunks,
-so cross-attention methods score thousands of pairs per call instead of one call per pair).
+"global" features, then `shortlist_scores` (also `ped query`'s re-scoring): each query with its K
+shortlisted items through `method.shortlist_similarity`, which cross-attention methods run with the
+same batched kernels as exact scoring, reading each query once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pedcli.models.methods.base import Features, Method, index_features
 
 DEFAULT_TEXT_CHUNK = 512
 DEFAULT_IMAGE_CHUNK = 1024
-DEFAULT_PAIR_CHUNK = 4096
+DEFAULT_PAIR_CHUNK = 1 << 20  # (query, shortlisted item) pairs per `shortlist_similarity` call
 
 
 def num_items(feats: Features) -> int:
@@ -66,6 +67,40 @@ def shortlist(
 
 
 @torch.inference_mode()
+def shortlist_scores(
+    method: Method,
+    text_feats: Features,
+    image_feats: Features,
+    index: torch.Tensor,
+    queries: str = "text",
+    pair_chunk: int = DEFAULT_PAIR_CHUNK,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Exact scores [n, K] (float32, CPU) of each query with its K shortlisted items, rows `index` [n, K]
+    of the other side: texts' images (queries="text") or images' texts ("image"). Per chunk of queries
+    only the distinct shortlisted items are selected and moved to `device` (default: where the features
+    are), once each."""
+    if queries not in ("text", "image"):
+        raise ValueError(f"queries must be 'text' or 'image', not {queries!r}")
+    q_feats, g_feats = (text_feats, image_feats) if queries == "text" else (image_feats, text_feats)
+    n, k = index.shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    step = max(1, pair_chunk // max(1, k))
+    for s in range(0, n, step):
+        rows, inverse = torch.unique(index[s : s + step], return_inverse=True)
+        q = _on(index_features(q_feats, slice(s, s + step)), device)
+        g = _on(index_features(g_feats, rows.to(g_feats["global"].device)), device)
+        pair = (q, g) if queries == "text" else (g, q)
+        dev = q["global"].device
+        out[s : s + step] = method.shortlist_similarity(*pair, inverse.to(dev), queries).float().cpu()
+    return out
+
+
+def _on(feats: Features, device: torch.device | str | None) -> Features:
+    return feats if device is None else {k: v.to(device) for k, v in feats.items()}
+
+
+@torch.inference_mode()
 def two_stage_scores(
     method: Method,
     text_feats: Features,
@@ -86,20 +121,9 @@ def two_stage_scores(
     if k < 1:
         raise PedError(f"the shortlist size must be at least 1, not {k}", "pass --rerank-top 100 or so")
     q_feats, g_feats = (text_feats, image_feats) if queries == "text" else (image_feats, text_feats)
-    nq = num_items(q_feats)
     scores = cosine_matrix(q_feats["global"], g_feats["global"])  # [nq, ng], first stage
     idx = top_k_order(scores, k)  # [nq, k], the shortlist
-    k = idx.shape[1]
-    q_rows = torch.arange(nq).repeat_interleave(k)
-    g_rows = idx.reshape(-1)
-    exact = torch.empty(nq * k, dtype=torch.float32)
-    for s in range(0, q_rows.numel(), pair_chunk):
-        q_pick, g_pick = q_rows[s : s + pair_chunk], g_rows[s : s + pair_chunk]
-        qf = index_features(q_feats, q_pick.to(q_feats["global"].device))
-        gf = index_features(g_feats, g_pick.to(g_feats["global"].device))
-        tf, imf = (qf, gf) if queries == "text" else (gf, qf)
-        exact[s : s + pair_chunk] = method.pair_similarity(tf, imf).float().cpu()
-    exact = exact.view(nq, k)
+    exact = shortlist_scores(method, text_feats, image_feats, idx, queries, pair_chunk)
     scores += exact.amin(1, keepdim=True) - 2.0
     scores.scatter_(1, idx, exact)
     return scores if queries == "text" else scores.T.contiguous()

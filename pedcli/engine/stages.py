@@ -1,18 +1,21 @@
-"""What a `Stage` means for the optimiser: which parameters learn, at which rate, on which schedule.
+"""What a `Stage` means for the optimiser: which parameters learn, with which optimiser, at which rate,
+on which schedule; and the guard that every parameter of the test score learns or starts pretrained.
 
-The schedule is a per-step cosine decay from the stage's learning rate to 1% of it (SGDR-style: every
-stage restarts at its own rate). PMA gives no schedule ("stop training when the loss converges"); cosine
-needs no extra knobs and ends each stage at a small rate, so the last epoch is the settled one.
+Schedules are per optimiser step: "cosine" decays from the stage's rate to 1% of it (every stage
+restarts at its own rate), "step" multiplies it by `gamma` after each milestone epoch, "constant" keeps
+it; `warmup_epochs` first ramps it linearly from 1%.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from pedcli.models.methods.base import Method, Stage
+from pedcli.errors import PedError
+from pedcli.models.methods.base import Batch, Method, Stage
 
 MIN_LR_FACTOR = 0.01
 
@@ -44,23 +47,85 @@ def train_mode(method: Method) -> None:
         child.eval()
 
 
-def build_optimizer(trainable: list[tuple[str, nn.Parameter]], stage: Stage) -> torch.optim.Adam:
-    """Adam (the papers' optimiser) with one parameter group per learning-rate multiplier."""
+def build_optimizer(trainable: list[tuple[str, nn.Parameter]], stage: Stage) -> torch.optim.Optimizer:
+    """The stage's optimiser (Adam, or SGD with momentum) with one parameter group per rate multiplier."""
     groups: dict[float, list[nn.Parameter]] = {}
     for name, p in trainable:
         groups.setdefault(stage.lr_mult.get(name.split(".")[0], 1.0), []).append(p)
-    return torch.optim.Adam(
-        [{"params": ps, "lr": stage.lr * mult} for mult, ps in sorted(groups.items())],
-        lr=stage.lr,
-        weight_decay=stage.weight_decay,
-    )
+    params = [{"params": ps, "lr": stage.lr * mult} for mult, ps in sorted(groups.items())]
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=stage.lr,
+            momentum=stage.momentum,
+            nesterov=stage.nesterov,
+            weight_decay=stage.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine from 1 to MIN_LR_FACTOR of each group's rate over `total_steps` optimiser steps."""
-    total = max(1, total_steps)
+def lr_factor(stage: Stage, steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of each group's rate after `step` optimiser steps of the stage."""
+    per_epoch = max(1, steps_per_epoch)
+    warmup = round(stage.warmup_epochs * per_epoch)
+    total = max(1, stage.epochs * per_epoch - warmup)
 
     def factor(step: int) -> float:
-        return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if step < warmup:
+            return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * step / warmup
+        if stage.scheduler == "step":
+            epoch = step // per_epoch
+            return stage.gamma ** sum(epoch >= m for m in stage.milestones)
+        if stage.scheduler == "cosine":
+            t = min(step - warmup, total) / total
+            return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, stage: Stage, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's schedule (see `lr_factor`), stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(stage, steps_per_epoch))
+
+
+def score_parameters(method: Method, batch: Batch) -> set[str]:
+    """Names of the parameters the test score depends on: those autograd reaches from the scores of
+    `batch`'s captions against its images (through `encode_texts`, `encode_images`, `similarity`)."""
+    params = dict(method.named_parameters())
+    was_training = method.training
+    flags = {n: p.requires_grad for n, p in params.items()}
+    method.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            image = method.encode_images({k: v for k, v in batch.items() if k != "trunk"})
+            scores = method.similarity(method.encode_texts(batch), image)
+            grads = torch.autograd.grad(scores.float().sum(), list(params.values()), allow_unused=True)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        method.train(was_training)
+    return {n for n, g in zip(params, grads, strict=True) if g is not None}
+
+
+def check_every_score_parameter_learns(method: Method, stages: list[Stage], batch: Batch) -> None:
+    """Refuse a schedule that leaves part of the test score at its random initialisation: every
+    parameter the score depends on must be trainable in some stage (with epochs) or pretrained."""
+    covered = method.parameter_names(method.pretrained_modules())
+    for stage in stages:
+        if stage.epochs > 0:
+            covered |= {n for n, _ in method.trainable_parameters(stage)}
+    untrained = sorted(score_parameters(method, batch) - covered)
+    if untrained:
+        more = f" and {len(untrained) - 12} more" if len(untrained) > 12 else ""
+        shown = ", ".join(untrained[:12]) + more
+        raise PedError(
+            f"{method.name}: the test score depends on parameters that no stage trains and that are not "
+            f"pretrained: {shown}",
+            "change the method options so a stage's losses reach them (see `ped methods`), "
+            "or give that stage epochs",
+        )

@@ -1,11 +1,14 @@
 """`ped train`: run a method's stage schedule on a cache, into a run folder (layout in `runs.py`).
 
-The method's `stages()` drive everything — which parameters learn, the losses, learning rates, epochs,
-whether the CNN trunk is frozen (its outputs are then cached on disk once, see `trunk_cache.py`) — so
-this loop never asks which method it trains. Each epoch ends with a validation pass on the val split
-(R@1 text → image picks `best.pt`; the test split is never looked at) and a `last.pt` checkpoint holding
-everything `--resume` needs: data order and flips are functions of (seed, epoch), and the RNG, optimiser
-and scheduler states are restored, so an interrupted and resumed run ends with the same weights.
+The method's `stages()` drive everything — which parameters learn, the losses, the optimiser, learning
+rates and schedule, epochs, batch size, whether the CNN trunk is frozen (its outputs are then cached on
+disk once, see `trunk_cache.py`) — so this loop never asks which method it trains. Before the first
+step it refuses a schedule that leaves a parameter of the test score untrained and not pretrained.
+Stages whose CNN learns see pad-and-crop and random erasing on top of the dataset's flips (`augment.py`).
+Each epoch ends with a validation pass on the val split (R@1 text → image picks `best.pt`; the test
+split is never looked at) and a `last.pt` checkpoint holding everything `--resume` needs: data order,
+flips and augmentation are functions of (seed, epoch), and the RNG, optimiser and scheduler states are
+restored, so an interrupted and resumed run ends with the same weights.
 
 Under `torchrun` every rank trains on its share of the identity-balanced batches (DDP, gloo on CPU,
 nccl on CUDA); only rank 0 writes. N ranks × batch B is the same optimisation as one process with
@@ -37,20 +40,26 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pedcli import __version__
-from pedcli.data.cache import META, load_cache_info, part_path
-from pedcli.data.dataset import CaptionDataset, IdentityBalancedSampler, collate, data_info, split_pids
+from pedcli.data.cache import part_path
+from pedcli.data.dataset import CaptionDataset, IdentityBalancedSampler, collate, split_pids
 from pedcli.engine import runs
+from pedcli.engine.augment import AUGMENTATIONS, augment_batch
 from pedcli.engine.batching import LoaderOptions, move_batch, precision
 from pedcli.engine.distributed import DistContext, setup, teardown
 from pedcli.engine.embed import encode_split
 from pedcli.engine.metrics import retrieval_metrics
 from pedcli.engine.scoring import score_matrix
-from pedcli.engine.stages import build_optimizer, build_scheduler, set_trainable, train_mode
+from pedcli.engine.stages import (
+    build_optimizer,
+    build_scheduler,
+    check_every_score_parameter_learns,
+    set_trainable,
+    train_mode,
+)
 from pedcli.engine.trunk_cache import TrunkCache, open_trunk_cache, trunk_key
 from pedcli.errors import PedError
-from pedcli.fileio import atomic_path, sha256_file, write_json_atomic
-from pedcli.models.methods.base import Batch, Method, Stage, TrainConfig, create_method, method_class
+from pedcli.fileio import atomic_path, check_writable, remove_stale_partials_in, write_json_atomic
+from pedcli.models.methods.base import Batch, Method, Stage, TrainConfig, create_method
 
 BEST_METRIC = "val_t2i_R@1"
 TRUNK_DIR = "trunk_cache"
@@ -58,32 +67,51 @@ TRUNK_DIR = "trunk_cache"
 
 @dataclass
 class TrainOptions(TrainConfig):
-    """Engine options, saved as config.json "train". epochs / lr / batch_size (TrainConfig) reach the
-    method's `stages`; the rest is how the engine runs them.
+    """Engine options, saved as config.json "train". epochs / lr / batch_size (TrainConfig), when set,
+    override every stage the method returns; the rest is how the engine runs them.
 
     instances_per_id: captions per identity in a batch (IdentityBalancedSampler's K).
     accum_steps: batches whose gradients add up before each optimiser step.
     flip_prob: horizontal flip of training images. workers: DataLoader worker processes.
+    augment: the training augmentations on ("flip", "crop", "erase": IRRA's set, see `augment.py`); crop
+    and erase apply only to stages whose CNN learns. crop_pad: pixels of the pad-and-random-crop.
+    erase_prob: probability of random erasing per image.
     trunk_cache: cache the trunk outputs while a stage freezes it. amp: bf16 autocast (CUDA only).
     channels_last: NHWC convolutions (faster for MobileNetV2 on CPU and on tensor cores).
     eval_batch_size: batch size of the validation encoding.
+    tensorboard: also write TensorBoard event files into the run folder (needs the tensorboard extra).
     """
 
     instances_per_id: int = 2
     accum_steps: int = 1
     flip_prob: float = 0.5
+    augment: tuple[str, ...] = AUGMENTATIONS
+    crop_pad: int = 10
+    erase_prob: float = 0.5
     workers: int = 0
     trunk_cache: bool = True
     amp: bool = True
     channels_last: bool = True
     eval_batch_size: int = 128
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.accum_steps < 1 or self.workers < 0 or self.batch_size < 2 or not 0 <= self.flip_prob <= 1:
+        self.augment = tuple(self.augment)  # a JSON config gives a list
+        if (
+            self.accum_steps < 1
+            or self.workers < 0
+            or (self.batch_size is not None and self.batch_size < 2)
+            or not 0 <= self.flip_prob <= 1
+            or not 0 <= self.erase_prob <= 1
+            or self.crop_pad < 0
+            or not set(self.augment) <= set(AUGMENTATIONS)
+        ):
             raise PedError(
                 f"invalid train options: accum_steps={self.accum_steps}, workers={self.workers}, "
-                f"batch_size={self.batch_size}, flip_prob={self.flip_prob}",
-                "accum_steps ≥ 1, workers ≥ 0, batch_size ≥ 2, 0 ≤ flip_prob ≤ 1",
+                f"batch_size={self.batch_size}, flip_prob={self.flip_prob}, augment={self.augment}, "
+                f"crop_pad={self.crop_pad}, erase_prob={self.erase_prob}",
+                "accum_steps ≥ 1, workers ≥ 0, batch_size ≥ 2, 0 ≤ flip_prob ≤ 1, "
+                f"augment ⊆ {AUGMENTATIONS}, crop_pad ≥ 0, 0 ≤ erase_prob ≤ 1",
             )
 
     @classmethod
@@ -165,9 +193,12 @@ def train(
     config.json, and refuses arguments that contradict it. `options` given as a dict names only the
     options the caller sets. Launch under `torchrun` for multi-process training.
     """
+    check_writable(run_dir, folder=True)  # an unwritable --run fails now, not at the first checkpoint
     ctx = setup(device)
     try:
-        return _train(method_name, cache, Path(run_dir), method_options, options, seed, resume, ctx, progress)
+        with runs.running(run_dir, hold=ctx.is_main):
+            run_dir = Path(run_dir)
+            return _train(method_name, cache, run_dir, method_options, options, seed, resume, ctx, progress)
     finally:
         teardown(ctx)
 
@@ -187,14 +218,18 @@ def _train(
     runs.check_run_dir(run_dir, resume)
     ctx.barrier()  # every rank has checked before rank 0 creates anything
     if resume:
-        config = _resumed_config(run_dir, method_name, cache, method_options, requested, seed)
+        config = runs.resumed_config(run_dir, method_name, cache, method_options, requested, seed)
     else:
         if method_name is None or cache is None:
             raise PedError(
                 "a new run needs --method and --cache", "e.g. ped train --method baseline --cache C --run R"
             )
-        config = _new_config(method_name, Path(cache), method_options, requested, 0 if seed is None else seed)
+        resolved = asdict(TrainOptions.from_dict(requested))
+        seed = 0 if seed is None else seed
+        config = runs.new_config(method_name, Path(cache), method_options, resolved, seed)
     opts = TrainOptions.from_dict(config["train"])
+    if opts.tensorboard and ctx.is_main:
+        runs.check_tensorboard()
     cache = Path(config["cache"])
     _seed_everything(config["seed"])
     method = create_method(config["method"], runs.data_info_from_config(config), config["method_config"])
@@ -202,6 +237,8 @@ def _train(
     state = _Progress()
     ckpt: dict[str, Any] | None = None
     if resume:
+        if ctx.is_main:  # what a killed checkpoint save left
+            remove_stale_partials_in(runs.checkpoint_path(run_dir, "last").parent)
         ckpt = runs.load_checkpoint(runs.checkpoint_path(run_dir, "last"))
         method.load_state_dict(ckpt["model"])
         state = _Progress(
@@ -228,6 +265,7 @@ def _train(
     trainer = _Trainer(
         method, cache, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, log, progress
     )
+    check_every_score_parameter_learns(method, stages, trainer.probe_batch())
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
@@ -258,11 +296,16 @@ class _Trainer:
         self.method, self.cache, self.cache_hash, self.run_dir = method, cache, cache_hash, run_dir
         self.opts, self.seed = opts, seed
         self.ctx, self.log, self.progress = ctx, log, progress
-        self.dataset = CaptionDataset(cache, "train", flip_prob=opts.flip_prob)
-        self.sampler = IdentityBalancedSampler(
-            self.dataset.pids, opts.batch_size, opts.instances_per_id, seed, ctx.rank, ctx.world_size
-        )
+        self.flip_prob = opts.flip_prob if "flip" in opts.augment else 0.0
+        self.dataset = CaptionDataset(cache, "train", flip_prob=self.flip_prob)
+        self.sampler: IdentityBalancedSampler  # the current stage's (its batch size)
         self.has_val = len(split_pids(cache, "val")) > 0
+
+    def probe_batch(self) -> Batch:
+        """Two training items (no augmentation), for checks before training."""
+        with torch.random.fork_rng(devices=[]):  # the dataset's flips draw from torch's RNG: leave it
+            batch = collate([self.dataset[i] for i in range(2)])
+        return move_batch(batch, self.ctx.device, self.opts.channels_last)
 
     # ---- one stage --------------------------------------------------------------------------------
     def run_stage(
@@ -271,6 +314,10 @@ class _Trainer:
         trainable = set_trainable(self.method, stage)
         if not trainable:
             raise ValueError(f"stage '{stage.name}' of {self.method.name} trains no parameters")
+        ctx, opts = self.ctx, self.opts
+        self.sampler = IdentityBalancedSampler(
+            self.dataset.pids, stage.batch_size, opts.instances_per_id, self.seed, ctx.rank, ctx.world_size
+        )
         optimizer = build_optimizer(trainable, stage)
         steps = len(self.sampler) // self.opts.accum_steps
         if steps == 0:
@@ -279,7 +326,7 @@ class _Trainer:
                 f"({self.opts.accum_steps})",
                 "lower --batch-size or accum_steps",
             )
-        scheduler = build_scheduler(optimizer, stage.epochs * steps)
+        scheduler = build_scheduler(optimizer, stage, steps)
         if ckpt is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -292,7 +339,8 @@ class _Trainer:
             # find_unused_parameters: a stage's losses may leave some trainable parameters out
             objective = DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=True)
         self.log(
-            f"stage {index} '{stage.name}': {stage.epochs} epoch(s), lr {stage.lr}, "
+            f"stage {index} '{stage.name}': {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr} "
+            f"({stage.scheduler}), batch {stage.batch_size}, "
             f"{sum(p.numel() for _, p in trainable)} trainable parameters, losses {list(stage.losses)}"
             + (", trunk outputs cached" if trunk else "")
         )
@@ -318,7 +366,7 @@ class _Trainer:
         return history
 
     def _trunk(self) -> TrunkCache:
-        flips = [False, True] if self.opts.flip_prob > 0 else [False]
+        flips = [False, True] if self.flip_prob > 0 else [False]
         key = trunk_key(self.method, self.cache_hash, "train", flips, self.ctx.device)
         loader = LoaderOptions(
             self.opts.eval_batch_size, self.opts.workers, self.opts.amp, self.opts.channels_last
@@ -373,7 +421,12 @@ class _Trainer:
             dynamic_ncols=True,
         )
         start = time.perf_counter()
+        pixels_augmented = not stage.freeze_trunk  # a frozen trunk (cached or not) keeps flip only
         for i, batch in enumerate(self._batches(self._loader(state.epoch), trunk, n_batches)):
+            if pixels_augmented:  # draws: a function of (seed, epoch, global batch index)
+                index = i * ctx.world_size + ctx.rank
+                seed = int(np.random.SeedSequence([self.seed, state.epoch, index]).generate_state(1)[0])
+                batch = augment_batch(batch, opts.augment, opts.crop_pad, opts.erase_prob, seed)
             step_now = (i + 1) % accum == 0
             sync = contextlib.nullcontext() if step_now or not ctx.distributed else objective.no_sync()
             with sync:
@@ -390,12 +443,12 @@ class _Trainer:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
             if step_now and bar.n % 10 == 1:
-                rate = (i + 1) * opts.batch_size * ctx.world_size / (time.perf_counter() - start)
+                rate = (i + 1) * stage.batch_size * ctx.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{float(total.detach()):.4f}", samples_s=f"{rate:.1f}")
         bar.close()
         elapsed = time.perf_counter() - start
         means = ctx.mean({name: float(v) / n_batches for name, v in sums.items()})
-        samples = ctx.sum(n_batches * opts.batch_size)
+        samples = ctx.sum(n_batches * stage.batch_size)
         return {
             "epoch": state.epoch,
             "losses": means,
@@ -446,7 +499,7 @@ class _Trainer:
             }
         record["best"] = improved
         if self.ctx.is_main:
-            runs.append_metrics(self.run_dir, record)
+            runs.append_metrics(self.run_dir, record, self.opts.tensorboard)
             ckpt = {
                 "model": self.method.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -483,66 +536,3 @@ def _seed_everything(seed: int) -> None:
 def _vocab(cache: Path) -> list[str]:
     with h5py.File(part_path(cache, "text"), "r") as f:
         return f["vocab"].asstr()[:].tolist()
-
-
-def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(values, default=str))
-
-
-def _new_config(
-    method_name: str,
-    cache: Path,
-    method_options: dict[str, Any] | None,
-    train_options: dict[str, Any],
-    seed: int,
-) -> dict[str, Any]:
-    """The resolved config: every option of the method and the engine, defaults included."""
-    info = load_cache_info(cache)
-    method_cls = method_class(method_name)
-    return {
-        "method": method_name,
-        "method_config": _jsonable(asdict(method_cls.make_config(method_options))),
-        "train": _jsonable(asdict(TrainOptions.from_dict(train_options))),
-        "cache": str(cache.resolve()),
-        "cache_meta_hash": sha256_file(cache / META),
-        "data_info": _jsonable(asdict(data_info(cache))),
-        "seed": seed,
-        "pedcli": __version__,
-        "text": {"options": info.meta.get("text", {}), "vocab": runs.VOCAB},
-    }
-
-
-def _resumed_config(
-    run_dir: Path,
-    method_name: str | None,
-    cache: str | Path | None,
-    method_options: dict[str, Any] | None,
-    train_options: dict[str, Any],
-    seed: int | None,
-) -> dict[str, Any]:
-    """The run's saved config, after checking that the caller asks for nothing else."""
-    config = runs.read_config(run_dir)
-    given = {"method": method_name, "seed": seed}
-    diffs = [
-        f"{k}: saved {config[k]!r}, given {v!r}" for k, v in given.items() if v is not None and v != config[k]
-    ]
-    for section, values in (("method_config", method_options or {}), ("train", train_options)):
-        saved = config[section]
-        diffs += [
-            f"{k}: saved {saved.get(k)!r}, given {v!r}"
-            for k, v in _jsonable(values).items()
-            if saved.get(k) != v
-        ]
-    if diffs:
-        raise PedError(
-            f"--resume continues {run_dir} with its saved config, but these differ: {'; '.join(diffs)}",
-            "drop those options to resume, or start a new run (another --run name) to change them",
-        )
-    cache = Path(cache) if cache is not None else Path(config["cache"])
-    meta = cache / META
-    if not meta.is_file() or sha256_file(meta) != config["cache_meta_hash"]:
-        raise PedError(
-            f"{cache} is not the cache {run_dir} was trained on (meta.json differs or is missing)",
-            f"pass --cache with the original cache ({config['cache']})",
-        )
-    return config | {"cache": str(cache.resolve())}

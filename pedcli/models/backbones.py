@@ -19,7 +19,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
@@ -84,20 +83,31 @@ def build_backbone(
     return Backbone(stages, channels, name)
 
 
-def stripe_pool(x: Tensor, n: int, mode: str = "avg") -> Tensor:
-    """Pool a map [B,C,H,W] into n horizontal stripes, top to bottom: [B,n,C].
+def stripe_rows(h: int, n: int) -> list[range]:
+    """The rows of each of n horizontal stripes of a map h rows high, top to bottom.
 
-    mode "avgmax" sums average and max pooling (the max keeps small salient parts such as a bag).
+    With h ≥ n the stripes partition the rows (stripe i: rows ⌊ih/n⌋ … ⌊(i+1)h/n⌋ − 1, equal when n
+    divides h, otherwise one row apart), unlike adaptive pooling, whose bins overlap when n does not
+    divide h. With fewer rows than stripes they cannot be disjoint: each stripe takes adaptive pooling's
+    bin (the rows it overlaps); methods whose paper needs disjoint stripes refuse that case (MGEL).
     """
-    if mode == "avg":
-        pooled = F.adaptive_avg_pool2d(x, (n, 1))
-    elif mode == "max":
-        pooled = F.adaptive_max_pool2d(x, (n, 1))
-    elif mode == "avgmax":
-        pooled = F.adaptive_avg_pool2d(x, (n, 1)) + F.adaptive_max_pool2d(x, (n, 1))
-    else:
+    if h >= n:
+        return [range(i * h // n, (i + 1) * h // n) for i in range(n)]
+    return [range(i * h // n, -(-(i + 1) * h // n)) for i in range(n)]
+
+
+def stripe_pool(x: Tensor, n: int, mode: str = "avg") -> Tensor:
+    """Pool a map [B,C,H,W] into its n horizontal stripes (`stripe_rows`), top to bottom: [B,n,C].
+    mode "avgmax" sums average and max pooling (the max keeps small salient parts such as a bag)."""
+    if mode not in ("avg", "max", "avgmax"):
         raise ValueError(f"stripe_pool mode must be avg, max or avgmax, got {mode!r}")
-    return pooled.flatten(2).transpose(1, 2)
+    stripes = [x[:, :, rows.start : rows.stop] for rows in stripe_rows(x.shape[2], n)]
+    pooled = []
+    if mode in ("avg", "avgmax"):
+        pooled.append(torch.stack([s.mean(dim=(2, 3)) for s in stripes], 1))
+    if mode in ("max", "avgmax"):
+        pooled.append(torch.stack([s.amax(dim=(2, 3)) for s in stripes], 1))
+    return sum(pooled[1:], pooled[0])
 
 
 # ---- builders ------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def _move(heat: np.ndarray, to: np.ndarray, frm: np.ndarray) -> np.ndarray:
 
 
 def _joint_maps(heat: np.ndarray) -> np.ndarray:
-    """[39, 64, 64] BlazePose probabilities → [14, 64, 64] in AI-Challenger order (DESIGN.md mapping)."""
+    """[39, 64, 64] BlazePose probabilities → [14, 64, 64] AI-Challenger maps (ARCHITECTURE.md: Pose maps)."""
     left, right = heat[SHOULDERS[0]], heat[SHOULDERS[1]]
     p_left, p_right = _peak(left), _peak(right)
     neck_at = (p_left + p_right) / 2

@@ -13,14 +13,6 @@ import numpy as np
 
 from pedcli.data.schema import KEYPOINTS
 
-# Horizontal flip swaps a person's left and right: after `maps[..., ::-1]` channel k must hold the map
-# of keypoint FLIP_PERMUTATION[k] (so `maps[..., FLIP_PERMUTATION, :, ::-1]`; keypoints alike).
-_MIRROR = {"left": "right", "right": "left"}
-FLIP_PERMUTATION: tuple[int, ...] = tuple(
-    KEYPOINTS.index("_".join([_MIRROR.get(side, side), *rest]))
-    for side, *rest in (name.split("_") for name in KEYPOINTS)
-)
-
 # PMA (Sec. "Fine-Grained Alignment Network"): 14 keypoints are classified into 6 overlapping body
 # parts. The grouping is drawn in the paper's Fig. 2, which is not in its text; this one follows the
 # figure's idea that each part is spanned by the joints at its ends (a limb segment by its two joints),

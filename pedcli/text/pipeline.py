@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pedcli.errors import PedError
+from pedcli.errors import PedError, refuse
 from pedcli.text.bert import load_tokenizer, word_pieces
 from pedcli.text.options import TextOptions
 from pedcli.text.phrases import load_spacy, noun_phrases
@@ -102,6 +102,20 @@ class TextPipeline:
                     f"the caption {caption!r} has no words", "give a sentence describing the person"
                 )
         return token_lists
+
+    def unknown_words(self, texts: Sequence[str]) -> list[list[str]]:
+        """Per text, its words outside the vocabulary (the model reads each as <unk>). A text with no
+        known word at all is refused: any ranking for it would be noise presented as an answer."""
+        out = []
+        for text, tokens in zip(texts, self.tokenize(texts), strict=True):
+            unknown = self.vocab.unknown(tokens)
+            if len(unknown) == len(set(tokens)):
+                refuse(
+                    f"no word of {text!r} is in the run's vocabulary (unknown: {', '.join(unknown)})",
+                    "describe the person with words the training captions use (clothes, colours, bags, ...)",
+                )
+            out.append(unknown)
+        return out
 
     def encode(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
         """The text.h5 arrays (TEXT_ARRAYS) of these captions, in order."""

@@ -50,6 +50,10 @@ class Vocab:
     def encode(self, tokens: Sequence[str]) -> list[int]:
         return [self._ids.get(t, UNK_ID) for t in tokens]
 
+    def unknown(self, tokens: Iterable[str]) -> list[str]:
+        """The tokens this vocabulary maps to <unk>, once each, in order of appearance."""
+        return list(dict.fromkeys(t for t in tokens if t not in self._ids))
+
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Words of the non-pad ids (for reports and checks)."""
         return [self.words[int(i)] for i in ids if int(i) != PAD_ID]

@@ -3,11 +3,14 @@
 `generate` draws identities (attributes.py), renders several shots of each (scene.py, person.py) and
 writes two captions per image (captions.py) plus ground-truth keypoints, so the demo, every test and
 method comparisons run without downloading a dataset. Output is byte-identical for a given seed: every
-image gets its own `random.Random` seeded from (seed, pid, image index).
+image gets its own `random.Random` seeded from (seed, pid, image index). `realism="hard"` (realism.py)
+adds what real crops and annotators add: low resolution, blur, JPEG artefacts, camera colour, clutter,
+occlusion, a different side of the person in each image, and rougher, more varied captions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,12 +25,13 @@ from pedcli.fileio import atomic_path, write_json_atomic
 
 from .attributes import sample_identities
 from .captions import caption
+from .realism import REALISM, degrade, roughen, turn, view_order
 from .scene import render, sample_shot
 
 ANNOTATION = "reid_raw.json"
 JPEG_QUALITY = 90
 
-__all__ = ["ANNOTATION", "contact_sheet", "generate"]
+__all__ = ["ANNOTATION", "REALISM", "contact_sheet", "generate"]
 
 
 def _check_args(
@@ -35,7 +39,10 @@ def _check_args(
     images_per_identity: tuple[int, int],
     captions_per_image: int,
     split_fractions: tuple[float, float, float],
+    realism: str,
 ) -> None:
+    if realism not in REALISM:
+        raise PedError(f"unknown realism {realism!r}", f"use one of: {', '.join(REALISM)}")
     fr = tuple(split_fractions)
     if len(fr) != 3 or min(fr) < 0 or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
         raise PedError(
@@ -84,6 +91,7 @@ def generate(
     images_per_identity: tuple[int, int] = (2, 4),
     captions_per_image: int = 2,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    realism: str = "standard",
     progress: bool = True,
 ) -> dict:
     """Write `out/reid_raw.json` and `out/imgs/*.jpg`; return counts per split.
@@ -92,7 +100,8 @@ def generate(
     image pixels, `pedcli.data.schema.KEYPOINTS` order)}. The json is written last and atomically, so a
     half-finished run never looks like a dataset.
     """
-    _check_args(identities, images_per_identity, captions_per_image, split_fractions)
+    _check_args(identities, images_per_identity, captions_per_image, split_fractions, realism)
+    hard = realism == "hard"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PedError(f"{out} exists and is not a directory", "pass a new or existing directory as --out")
@@ -106,20 +115,25 @@ def generate(
         split = split_of[pid]
         n_images = r.randint(*images_per_identity)
         summary[split]["identities"] += 1
+        yaws = view_order(random.Random(f"{seed}:{pid}:views")) if hard else []
         for k in range(n_images):
             shot_rng = random.Random(f"{seed}:{pid}:{k}")
-            shot = render(ident, sample_shot(shot_rng), shot_rng)
+            params = sample_shot(shot_rng)
+            if hard:  # its own generator, so the standard set's draws (and bytes) stay as they were
+                params = dataclasses.replace(params, stance=turn(params.stance, yaws[k % len(yaws)]))
+            shot = render(ident, params, shot_rng)
+            captions = [caption(shot_rng, ident, shot) for _ in range(captions_per_image)]
+            image, keypoints, quality = shot.image, shot.keypoints, JPEG_QUALITY
+            if hard:
+                hard_rng = random.Random(f"{seed}:{pid}:{k}:hard")
+                d = degrade(image, keypoints, hard_rng)
+                image, keypoints, quality = d.image, d.keypoints, d.jpeg_quality
+                captions = [roughen(c, hard_rng) for c in captions]
             rel = f"imgs/{pid:05d}_{k:02d}.jpg"
             with atomic_path(out / rel, suffix=".jpg") as tmp:
-                shot.image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+                image.save(tmp, format="JPEG", quality=quality)
             records.append(
-                {
-                    "id": pid,
-                    "file_path": rel,
-                    "split": split,
-                    "keypoints": shot.keypoints,
-                    "captions": [caption(shot_rng, ident, shot) for _ in range(captions_per_image)],
-                }
+                {"id": pid, "file_path": rel, "split": split, "keypoints": keypoints, "captions": captions}
             )
             summary[split]["images"] += 1
             summary[split]["captions"] += captions_per_image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_LABEL = -100  # label of captions/images outside the training identities (base.py batch keys)
+from pedcli.data.schema import IGNORE_LABEL  # label outside the training identities (base.py batch keys)
 
 
 class SharedClassifier(nn.Module):

@@ -1,13 +1,19 @@
-"""HAN's similarity ranking loss (Huang et al., Sensors 2020, sec. 3.4.1, eqs. 14–15).
+"""HAN's similarity ranking loss (Li, Xu, Xiao, "Hybrid Attention Network for Language-Based Person
+Search", Sensors 2020, sec. 3.4.1, eqs. 14–15).
 
-A ranking loss on Euclidean distances D(g_T, g_I) whose negative-pair term is weighted by how unlike
-the negative image is to the positive one: (β − S(g_Ip, g_In)) with S the intra-modal cosine
-similarity. A negative that looks like the positive (S → 1) barely needs pushing away; a very different
-one (S → −1) carries twice the weight. With the weight fixed to 1 it is the plain ranking loss, eq. 14.
+A ranking loss on Euclidean distances D(g_T, g_I) whose negative pairs are weighted by how unlike the
+negative image is to the positive one, w = β − S(g_Ip, g_In) with S the intra-modal cosine similarity:
+
+    L = Σ_n w_pn · max[0, α + D(g_Tp, g_Ip) − D(g_Tp, g_In)]
+
+This is the weighting the paper describes after eq. 15: a negative identical to the positive (S = 1,
+w = 0) "is not necessary" to push away, and one completely different (S = −1) gets "a greater weight",
+twice the plain hinge's. S only weighs the terms, so it is detached: the loss never moves the image
+features to change its own weights. With w fixed to 1 it is the plain ranking loss, eq. 14.
 
 Sign: the paper prints max[0, α − D(pos) + D(neg)], the form of a ranking loss on *similarities*; with
 distances, as the paper states D is, that form would pull negatives together. We use the distance form
-of its cited ranking loss [42, 43]: max[0, α + D(pos) − w·D(neg)].
+of its cited ranking loss [42, 43], α + D(pos) − D(neg).
 
 Negatives are every batch item of another person (the paper sums over the mini-batch); the positive of
 anchor i is item i of the other modality. The hinges are summed over negatives and averaged over anchors.
@@ -43,13 +49,14 @@ def similarity_ranking_loss(
     dist = torch.cdist(text, image)  # dist[t, i] = D(g_T_t, g_I_i)
     negative = pids[:, None] != pids[None, :]
     if intra_similarity:
-        weight = beta - F.normalize(image, dim=1) @ F.normalize(image, dim=1).t()  # β − S(g_Ip, g_In)
+        unit = F.normalize(image.detach(), dim=1)
+        weight = beta - unit @ unit.t()  # β − S(g_Ip, g_In), a constant of the loss
     else:
         weight = torch.ones_like(dist)  # eq. 14
     positive = dist.diagonal().unsqueeze(1)  # D(g_Tp, g_Ip), one per anchor p
     # second sum of eq. 15: anchor text p, negative images n → dist[p, n]
-    loss = ((margin + positive - weight * dist).clamp(min=0) * negative).sum(dim=1).mean()
+    loss = (weight * (margin + positive - dist).clamp(min=0) * negative).sum(dim=1).mean()
     if directions == "both":
         # first sum: anchor image p, negative texts n (the captions of images n) → dist[n, p]
-        loss = loss + ((margin + positive - weight * dist.t()).clamp(min=0) * negative).sum(dim=1).mean()
+        loss = loss + (weight * (margin + positive - dist.t()).clamp(min=0) * negative).sum(dim=1).mean()
     return loss

@@ -9,7 +9,8 @@ A method is an `nn.Module` subclass registered by name (like timm's `register_mo
 
 It implements:
 
-- ``stages(cfg_train) -> list[Stage]`` — the paper's training schedule.
+- ``default_stages() -> list[Stage]`` — the paper's training schedule and recipe; the engine applies
+  ``--epochs`` / ``--lr`` / ``--batch-size`` to it once (``stages(train)``).
 - ``encode_images(batch) -> dict[str, Tensor]`` — per-image features (first dim = batch), storable by
   ``ped embed``. Must contain ``"global"``: one vector per image used for the two-stage shortlist.
 - ``encode_texts(batch) -> dict[str, Tensor]`` — per-caption features, with ``"global"`` likewise.
@@ -20,12 +21,16 @@ It implements:
 - ``pair_similarity(text_feats, image_feats) -> Tensor[n]`` — scores of aligned pairs (text i with
   image i), used to re-score a shortlist without a Python loop per pair. The default takes the
   diagonal of ``similarity`` row by row; cross-attention methods override it with a batched version.
+- ``shortlist_similarity(text_feats, image_feats, index, queries) -> Tensor[n, K]`` — each query's
+  scores with its K shortlisted items (two-stage scoring, `ped query`); the default goes through
+  ``pair_similarity``, cross-attention methods score each query once against its K items.
 - ``losses(batch, stage) -> dict[str, Tensor]`` — the scalar losses of that stage; the engine sums them.
 - optionally ``image_trunk(batch)``: the part of the image path that a stage can freeze (the CNN). When
   a stage has ``freeze_trunk=True`` the engine computes the trunk output once per image (and flip),
   caches it on disk, and puts it in ``batch["trunk"]``; ``encode_images`` must then use it.
-- optionally ``explain(text_feats, image_feats) -> dict`` for ``ped query --html``: the attention that
-  explains a match (stripes, regions, noun phrases), as the papers' figures show.
+- optionally ``explain(text_feats, image_feats) -> Explanation`` (`pedcli.models.explanation`) for
+  ``ped query --html`` and ``ped serve``: the attention that explains the first text's match with each
+  image (a grid of regions or stripes, the cells kept, phrase → part links), as the papers' figures show.
 
 Batch keys (``pedcli.data.dataset`` builds them from the HDF5 cache):
   image float[B,3,H,W] (ImageNet-normalised), pose float[B,14,h,w] (when the cache has pose maps),
@@ -48,44 +53,65 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pedcli.data.schema import DataInfo  # the data layer defines it; re-exported for the methods
 from pedcli.errors import PedError
+from pedcli.models.explanation import Explanation
 
 Features = dict[str, torch.Tensor]
 Batch = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class DataInfo:
-    """What a method needs to know about the data to build its layers."""
-
-    num_classes: int  # training identities (identity-classification heads)
-    vocab_size: int  # word vocabulary incl. pad (0) and unknown (1)
-    image_size: tuple[int, int] = (384, 128)  # H, W
-    pose_channels: int = 14
-    bert_model: str | None = None  # local folder of the BERT-family encoder the cache was tokenised with
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One step of a paper's training schedule."""
+    """One step of a paper's training schedule: what learns, on which losses, with which recipe.
+
+    The trainable set is declared by module: `trainable` names submodules (dotted paths, e.g. "text.bert",
+    or a parameter of the method itself), "*" the whole method; `frozen` names submodules taken out of it;
+    `freeze_trunk` also takes out the method's `trunk_modules` (the engine may then cache their outputs).
+    """
 
     name: str
     epochs: int
     lr: float
     losses: tuple[str, ...]  # the loss names `Method.losses` returns in this stage
-    trainable: tuple[str, ...] = ("*",)  # attribute names of the submodules that learn; "*" = all
-    freeze_trunk: bool = False  # trunk frozen: the engine may cache `image_trunk` outputs
+    trainable: tuple[str, ...] = ("*",)
+    frozen: tuple[str, ...] = ()
+    freeze_trunk: bool = False
     weight_decay: float = 4e-5
-    lr_mult: dict[str, float] = field(default_factory=dict)  # per-submodule learning-rate multipliers
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per top-level submodule learning-rate factors
+    batch_size: int = 64  # (image, caption) pairs per batch and process
+    optimizer: str = "adam"  # "adam" | "sgd"
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    scheduler: str = "cosine"  # "cosine" (to 1% of lr) | "step" (× gamma at each milestone) | "constant"
+    milestones: tuple[int, ...] = ()  # step: stage epochs after which the rate is multiplied by gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from lr/100 over this many epochs, before the schedule
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS or self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"stage '{self.name}': optimizer must be one of {OPTIMIZERS}, scheduler one of {SCHEDULERS}"
+            )
 
 
 @dataclass
 class TrainConfig:
-    """Engine options every method's `stages` may read (epochs scale, base learning rates)."""
+    """Engine overrides of every stage a method returns (None: the method's own value)."""
 
-    epochs: int | None = None  # override each stage's epochs (tests, quick runs)
-    lr: float | None = None  # override each stage's learning rate
-    batch_size: int = 64
+    epochs: int | None = None  # each stage's epochs (tests, quick runs)
+    lr: float | None = None  # each stage's learning rate
+    batch_size: int | None = None  # each stage's batch size (default: the paper's, per method)
+
+
+def apply_overrides(stages: list[Stage], train: TrainConfig) -> list[Stage]:
+    """The stages with `train`'s epochs / lr / batch_size where set (`--lr 0` is set, not "unset")."""
+    given = {k: getattr(train, k) for k in ("epochs", "lr", "batch_size") if getattr(train, k) is not None}
+    return [dataclasses.replace(s, **given) for s in stages]
 
 
 class Method(nn.Module):
@@ -93,6 +119,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    trunk_modules: ClassVar[tuple[str, ...]] = ("backbone",)  # run by `image_trunk`; freeze_trunk freezes it
 
     def __init__(self, cfg: Any, info: DataInfo) -> None:
         super().__init__()
@@ -100,8 +127,18 @@ class Method(nn.Module):
         self.info = info
 
     # ---- the contract -------------------------------------------------------------------------
-    def stages(self, train: TrainConfig) -> list[Stage]:
+    def default_stages(self) -> list[Stage]:
+        """The paper's schedule and recipe (optimiser, rates, epochs, batch size)."""
         raise NotImplementedError
+
+    def stages(self, train: TrainConfig | None = None) -> list[Stage]:
+        """`default_stages` with the engine's overrides applied, the only place they are applied."""
+        return apply_overrides(self.default_stages(), train or TrainConfig())
+
+    def pretrained_modules(self) -> tuple[str, ...]:
+        """Submodules that start from pretrained weights (they need not learn): the trunk when the
+        config's `pretrained` is "imagenet". Methods with other pretrained parts (BERT) extend it."""
+        return self.trunk_modules if getattr(self.cfg, "pretrained", "none") == "imagenet" else ()
 
     def encode_images(self, batch: Batch) -> Features:
         raise NotImplementedError
@@ -119,6 +156,20 @@ class Method(nn.Module):
         scores = [self.similarity(pick(text_feats, r), pick(image_feats, r)) for r in rows]
         return torch.cat([s.reshape(-1) for s in scores])
 
+    def shortlist_similarity(
+        self, text_feats: Features, image_feats: Features, index: torch.Tensor, queries: str = "text"
+    ) -> torch.Tensor:
+        """Scores [n, K] of each query (the n texts, or with queries="image" the n images) with its K
+        shortlisted items of the other side, rows `index` [n, K]. This default scores them as aligned
+        pairs; cross-attention methods (`PairwiseMethod`) read each query once instead."""
+        n, k = index.shape
+        own = torch.arange(n, device=index.device).repeat_interleave(k)
+        if queries == "text":
+            pairs = index_features(text_feats, own), index_features(image_feats, index.reshape(-1))
+        else:
+            pairs = index_features(text_feats, index.reshape(-1)), index_features(image_feats, own)
+        return self.pair_similarity(*pairs).reshape(n, k)
+
     def losses(self, batch: Batch, stage: Stage) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -126,7 +177,8 @@ class Method(nn.Module):
         """The freezable CNN part of the image path; override when a stage freezes it."""
         raise NotImplementedError(f"{self.name} has no freezable image trunk")
 
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation | None:
+        """The attention behind the first text's scores with every image; None = nothing to show."""
         return None
 
     @property
@@ -142,9 +194,24 @@ class Method(nn.Module):
 
     def trainable_parameters(self, stage: Stage) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs that learn in `stage`; everything else gets requires_grad=False."""
+        learn = self.parameter_names(stage.trainable)
+        learn -= self.parameter_names(stage.frozen + (self.trunk_modules if stage.freeze_trunk else ()))
         for pname, p in self.named_parameters():
-            if "*" in stage.trainable or pname.split(".")[0] in stage.trainable:
+            if pname in learn:
                 yield pname, p
+
+    def parameter_names(self, modules: tuple[str, ...]) -> set[str]:
+        """Names of the parameters inside the named submodules ("*": all; a parameter name: itself)."""
+        names = {n for n, _ in self.named_parameters()}
+        if "*" in modules:
+            return names
+        out = set()
+        for m in modules:
+            inside = {n for n in names if n == m or n.startswith(m + ".")}
+            if not inside and m not in dict(self.named_modules()):
+                raise ValueError(f"{self.name} has no submodule or parameter '{m}' (a stage names it)")
+            out |= inside
+        return out
 
     @classmethod
     def make_config(cls, overrides: dict[str, Any] | None = None) -> Any:

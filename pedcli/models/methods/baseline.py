@@ -10,7 +10,8 @@ classifier W_id shared by both modalities (on the pooled image feature, φ(I)_av
 
 Training follows PMA's two steps (§Implementation Details): the pretrained CNN frozen at lr 1e-3, then
 everything at lr 2e-4, Adam, margin 0.2. The paper stops "when the loss converges"; the epoch counts
-here are options.
+here are options, and the rate follows the engine's default cosine decay (PMA gives no schedule). The
+batch is 64 pairs, not PMA's 128: the baseline is the quick reference run on small data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from pedcli.models.backbones import build_backbone
 from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, TrainConfig, register_method
+from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
 
 
@@ -67,17 +68,14 @@ class Baseline(Method):
         self.text_fc = nn.Linear(text_dim, cfg.embed_dim)
         self.classifier = SharedClassifier(cfg.embed_dim, info.num_classes)  # W_id of eq. 14
 
-    def stages(self, train: TrainConfig) -> list[Stage]:
+    def default_stages(self) -> list[Stage]:
         cfg = self.cfg
         losses = tuple(
             name for name, w in (("ranking", cfg.ranking_weight), ("identity", cfg.id_weight)) if w
         )
-        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
-        epochs = (cfg.frozen_epochs, cfg.full_epochs) if train.epochs is None else (train.epochs,) * 2
-        lrs = (cfg.frozen_lr, cfg.full_lr) if train.lr is None else (train.lr,) * 2
         return [
-            Stage("frozen_cnn", epochs[0], lrs[0], losses, trainable=heads, freeze_trunk=True),
-            Stage("all", epochs[1], lrs[1], losses),
+            Stage("frozen_cnn", cfg.frozen_epochs, cfg.frozen_lr, losses, freeze_trunk=True),
+            Stage("all", cfg.full_epochs, cfg.full_lr, losses),
         ]
 
     def image_trunk(self, batch: Batch) -> torch.Tensor:

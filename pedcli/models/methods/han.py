@@ -1,6 +1,7 @@
-"""HAN — Hybrid Attention Network for language-based person search (Huang et al., Sensors 2020).
+"""HAN — Hybrid Attention Network for language-based person search.
 
-Read beside the paper (/work/shared/papers/han-hybrid-attention-network.txt):
+Paper: Yang Li, Huahu Xu, Junsheng Xiao, "Hybrid Attention Network for Language-Based Person Search",
+Sensors 20(18), 5279, 2020.
 
 - Image (sec. 3.1): a CNN; cross-layer cubic attention = spatial attention from the mid-level map
   (eq. 1, conv4 of ResNet-50) times channel attention from the last map (eq. 2, conv5) times the last
@@ -8,35 +9,43 @@ Read beside the paper (/work/shared/papers/han-hybrid-attention-network.txt):
 - Text (sec. 3.2): word vectors, BiLSTM (eqs. 4–6), word self-attention (eqs. 7–9), then the text FC1.
 - Cross-modal attention (sec. 3.3, eqs. 10–13): H = (1 + sigmoid(W p)) · p with W shared by both
   modalities, then FC2 (semantic features g) and FC3 (identity classifier), both shared.
-- Losses (sec. 3.4): similarity ranking loss on Euclidean distances of g (eq. 15,
-  pedcli/models/losses/similarity_ranking.py) and identity classification of both modalities (eq. 20),
-  joined by eq. 21.
-- Schedule (sec. 4.2): stage 1 classification only (γ1 = 0, γ2 = 1; lr 1e-3, 80 epochs), stage 2 both
-  (γ1 = γ2 = 1; lr 2e-4, 60 epochs), the whole network learning in both.
+- Losses (sec. 3.4): similarity ranking loss on Euclidean distances of g (eq. 15, weighted hinge with
+  the intra-image similarity detached: `pedcli/models/losses/similarity_ranking.py`) and identity
+  classification of both modalities (eq. 20), joined by eq. 21.
+- Schedule (sec. 4.2): stage 1 classification only (γ1 = 0, γ2 = 1; lr 1e-3, SGD momentum 0.5, 80
+  epochs), stage 2 both (γ1 = γ2 = 1; lr 2e-4, SGD momentum 0.9, 60 epochs), batch 64, the whole network
+  learning in both; the rate ÷10 once "after the loss becomes stabilized".
 
 Similarity: the cross-modal attention gates each modality by its own feature (eqs. 10–11: M depends
 on p alone, or q alone); only the weights W are shared. So image and text embeddings are independent
 and a score needs no pair-wise computation: it is −D(g_T, g_I), the paper's Euclidean distance (sec.
 3.4.1), computed for all pairs at once by `torch.cdist` (a matrix product inside).
 
-Choices the paper leaves open (documented where made): the default backbone is mobilenet_v2, whose
-ImageNet weights are available offline (the paper's ResNet-50 is `backbone=resnet50`; the mid-level map
-is always the backbone's stride-16 stage, the last map its stride-32 stage); b = 1 (the value is not
-given; 1 matches the identity mapping the paper uses in eqs. 12–13); the ranking margin α = 0.2; eq. 8's
-scalar word scores use a learned context vector (as in the hierarchical attention networks it cites);
-ReLU after FC1 and between FC2 and FC3 ("ReLU between full-connection layers", sec. 4.2).
-
-Not in the paper, off by default: `normalize` ranks unit-length features (D in [0, 2], so α has a fixed
-scale and the engine's cosine shortlist equals the exact ranking; on the synthetic benchmark the raw
-features' distances grow during classification and the ranking stage learns far worse without it), and
-`stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached backbone maps: fast on a CPU). The
-engine's optimiser is Adam for every method; the paper uses SGD with momentum 0.5 / 0.9.
+Departures from the paper, all of them (each an option where it can be one):
+- Input: the cache's images (384×128 by default, the person's aspect ratio) instead of 224×224 squares.
+- Backbone: mobilenet_v2 by default, whose ImageNet weights are available offline; the paper's ResNet-50
+  is `backbone=resnet50`. The mid-level map is the backbone's stride-16 stage, the last its stride-32.
+- Word vectors: learned from random initialisation instead of Word2Vec skip-gram vectors pretrained on
+  Google News (not available offline).
+- Channel attention: a ReLU between its two FC layers (sec. 4.2: "ReLU between full-connection
+  layers"; `channel_relu=false` gives eq. 2 as printed, whose two linear layers then collapse to one).
+- Metric space: `normalize=true` (default) ranks unit-length g. The paper's raw 2048-d g make the
+  Euclidean distances grow with the width and with training (first ranking loss ~500 against a
+  classification loss ~10 on photographs), so the ranking loss swamps the rest; on the unit sphere
+  D ∈ [0, 2], the margin has a fixed scale and Euclidean ranking equals the engine's cosine shortlist.
+  `normalize=false` is the paper's.
+- Ranking loss sign: the distance form α + D(pos) − D(neg) of the cited ranking loss (the printed
+  eq. 15 has the similarity form's signs); see the loss module.
+- Values the paper does not give: b = 1 (the identity mapping of eqs. 12–13); margin α = 0.2; eq. 8's
+  word score uses a learned context vector (the hierarchical attention networks it cites); the decay
+  epochs (`stage1_decay_epoch` 60, `stage2_decay_epoch` 40).
+- Not in the paper, off by default: `stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached
+  backbone maps: fast on a CPU), `optimizer=adam` (quick runs), `rank_directions=both`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +54,10 @@ from torch import Tensor, nn
 from pedcli.errors import PedError
 from pedcli.models.attention import ChannelAttention, masked_pool, masked_softmax
 from pedcli.models.backbones import BACKBONES, build_backbone
+from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, similarity_ranking_loss
 from pedcli.models.losses.similarity_ranking import DIRECTIONS
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, TrainConfig, register_method
+from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
 
 RANKINGS = ("similarity", "plain", "none")  # eq. 15, eq. 14, no ranking loss (Table 5)
@@ -65,6 +75,7 @@ class HANConfig:
     spatial_source: str = "mid"  # "mid": cubic attention (SA from conv4); "last": SA + CA on conv5 (Table 2)
     residual_weight: float = 1.0  # b of eq. 3
     channel_reduction: int = 16  # FC1 of eq. 2 has channels / reduction units
+    channel_relu: bool = True  # ReLU between eq. 2's two FC layers (sec. 4.2); False: eq. 2 as printed
     word_dim: int = 300  # word vectors (sec. 4.2)
     hidden: int = 1024  # LSTM units per direction (sec. 4.2)
     bidirectional: bool = True  # False: forward LSTM only (Table 3)
@@ -75,16 +86,19 @@ class HANConfig:
     ranking: str = "similarity"  # "similarity" (eq. 15) | "plain" (eq. 14) | "none" (Table 5)
     classification: bool = True  # eq. 20 in stage 2 (Table 5); stage 1 needs it
     margin: float = 0.2  # α of eqs. 14–15 (not given in the paper)
-    normalize: bool = False  # True: L2-normalise g before distances (not in the paper; bounds D to [0, 2])
+    normalize: bool = True  # L2-normalise g before distances (not in the paper; bounds D to [0, 2])
     beta: float = 1.0  # β of eq. 15
     rank_directions: str = "t2i"  # "t2i": eq. 15's second sum only, as the paper trains; "both"
     gamma_rank: float = 1.0  # γ1 of eq. 21 in stage 2
     gamma_cls: float = 1.0  # γ2 of eq. 21
+    optimizer: str = "sgd"  # "sgd" with momentum (sec. 4.2) | "adam" (not in the paper; quick runs)
     stage1_epochs: int = 80
     stage1_lr: float = 1e-3
+    stage1_decay_epoch: int = 60  # lr ÷ 10 "after the loss becomes stabilized" (epoch not given)
     stage1_freeze_trunk: bool = False  # True: stage 1 trains on cached backbone maps (not in the paper)
     stage2_epochs: int = 60
     stage2_lr: float = 2e-4
+    stage2_decay_epoch: int = 40  # likewise for stage 2
     stage2_freeze_trunk: bool = False  # likewise for stage 2 (not in the paper)
 
     def __post_init__(self) -> None:
@@ -93,6 +107,7 @@ class HANConfig:
             "spatial_source": SPATIAL_SOURCES,
             "ranking": RANKINGS,
             "rank_directions": DIRECTIONS,
+            "optimizer": ("sgd", "adam"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -161,6 +176,8 @@ class HAN(Method):
             self.spatial_attention = SpatialAttention()
         if cfg.channel_attention:
             self.channel_attention = ChannelAttention(trunk_dim, cfg.channel_reduction)
+            if not cfg.channel_relu:  # W2(W1 x) exactly as eq. 2 prints it
+                self.channel_attention.mlp[1] = nn.Identity()
         self.image_fc1 = nn.Linear(trunk_dim, d)
         self.text_encoder = RNNTextEncoder(info.vocab_size, cfg.word_dim, hidden=cfg.hidden, cell="lstm")
         text_dim = self.text_encoder.out_dim // (1 if cfg.bidirectional else 2)
@@ -172,29 +189,27 @@ class HAN(Method):
         self.classifier = SharedClassifier(d, info.num_classes, bias=True)  # FC3, shared
 
     # ---- schedule ---------------------------------------------------------------------------------
-    def stages(self, train: TrainConfig) -> list[Stage]:
-        """Sec. 4.2: classification first, then the joint loss; the whole network learns in both unless
-        `stage1_freeze_trunk` / `stage2_freeze_trunk` keep the backbone fixed (its maps are then cached)."""
+    def default_stages(self) -> list[Stage]:
+        """Sec. 4.2: classification first, then the joint loss, the whole network learning in both unless
+        `stage1_freeze_trunk` / `stage2_freeze_trunk` keep the backbone fixed (its maps are then cached).
+        SGD with momentum 0.5 (stage 1) and 0.9 (stage 2), batch 64, the rate ÷10 at `stageN_decay_epoch`."""
         cfg = self.cfg
-        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
 
-        def stage(name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool) -> Stage:
-            return Stage(
-                name,
-                train.epochs if train.epochs is not None else epochs,
-                train.lr or lr,
-                losses,
-                trainable=heads if frozen else ("*",),
-                freeze_trunk=frozen,
-            )
+        def stage(name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool, momentum: float,
+                  decay: int) -> Stage:  # fmt: skip
+            return Stage(name, epochs, lr, losses, freeze_trunk=frozen, batch_size=64,
+                         optimizer=cfg.optimizer, momentum=momentum, scheduler="step",
+                         milestones=(decay,))  # fmt: skip
 
         joint = tuple(
             name for name, on in (("rank", cfg.ranking != "none"), ("cls", cfg.classification)) if on
         )
-        stage2 = stage("joint", cfg.stage2_epochs, cfg.stage2_lr, joint, cfg.stage2_freeze_trunk)
+        stage2 = stage("joint", cfg.stage2_epochs, cfg.stage2_lr, joint, cfg.stage2_freeze_trunk, 0.9,
+                       cfg.stage2_decay_epoch)  # fmt: skip
         if not cfg.classification:  # Table 5 "ranking only": there is nothing to pre-train with
             return [stage2]
-        stage1 = stage("classification", cfg.stage1_epochs, cfg.stage1_lr, ("cls",), cfg.stage1_freeze_trunk)
+        stage1 = stage("classification", cfg.stage1_epochs, cfg.stage1_lr, ("cls",), cfg.stage1_freeze_trunk,
+                       0.5, cfg.stage1_decay_epoch)  # fmt: skip
         return [stage1, stage2]
 
     # ---- image path -------------------------------------------------------------------------------
@@ -286,9 +301,10 @@ class HAN(Method):
         return out
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation | None:
         """The spatial attention A_s of each image (eq. 1): where the image path looked. It does not
         depend on the caption — HAN's attention is within each modality."""
         if "spatial_attention" not in image_feats:
             return None
-        return {"spatial_attention": image_feats["spatial_attention"]}
+        a = image_feats["spatial_attention"]  # [ni, (1,) h, w]
+        return Explanation("spatial attention", grid=as_array(a.reshape(a.shape[0], *a.shape[-2:])))

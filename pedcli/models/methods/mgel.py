@@ -1,33 +1,42 @@
-"""MGEL — Multi-Granularity Embedding Learning (Wang, Luo, Lin, Li; IJCAI 2021).
+"""MGEL — Multi-Granularity Embedding Learning.
 
-Read beside the paper (/work/shared/papers/mgel-multi-granularity-embedding-learning.txt):
+Paper: Chengji Wang, Zhiming Luo, Yaojin Lin, Shaozi Li, "Text-based Person Search via Multi-Granularity
+Embedding Learning", IJCAI 2021.
 
 - Image: the backbone's last map X; per granularity k a granularity attention block (GAB: channel
-  attention + 1×1 conv, X^k = conv(ca(X) + X)) and 2^(k-1) horizontal stripes pooled by eq. 1.
+  attention + 1×1 conv, X^k = conv(ca(X) + X)) and 2^(k-1) disjoint horizontal stripes of H/2^(k-1)
+  rows each, pooled by eq. 1.
 - Text: BiLSTM word states Z; per granularity a GAB, then (k > 1) multi-head self-attention with one
   head per stripe (eq. 2) pooled like eq. 1; the first granularity pools Z^1 directly.
 - Training (eq. 12, per granularity): triplet loss (eq. 10) + identity loss with a softmax layer shared
   by both modalities (eq. 11) on the global embeddings, + the part alignment loss (eqs. 3–9,
-  pedcli/models/losses/part_alignment.py). Global embeddings: global contrastive pooling (GCP, eq. 7,
+  `pedcli/models/losses/part_alignment.py`). Global embeddings: global contrastive pooling (GCP, eq. 7,
   one module shared by all granularities); the first granularity uses a cross-modality shared FC.
 - Test: the granularities' global embeddings concatenated, cosine similarity.
+- Schedule (sec. 4.1): end to end, Adam, lr 2e-4, 50 epochs, 32 pairs a batch: one stage.
 
-Schedule: the paper trains end to end (Adam, lr 2e-4, 50 epochs, 32 pairs a batch; sec. 4.1), so one
-stage. `warmup_epochs` > 0 (not in the paper; off by default) adds a first stage with the backbone
-frozen, whose trunk features the engine can cache — a cheap start for the new layers on CPU.
-
-Where the paper leaves a choice open (documented at each place): the attention scale 1/√c in eq. 2,
-the channel attention's form (HAN-style avg+max MLP, reduction 16), the triplet margins (α = 0.2), what
-replaces GCP in its ablation (mean of the parts) and GAB in its (one shared 1×1 conv, no channel
-attention), and the test-time cosine (each granularity L2-normalised before concatenating, so every
-granularity counts equally whatever its scale; the result is the mean of the granularities' cosines).
+Departures from the paper and choices it leaves open, all of them:
+- Backbone: mobilenet_v2 by default (ImageNet weights offline); Table 1's resnet50 / vgg16 are options.
+- Last map: `last_stride=1` (stride 16) so that a 384×128 image gives 24 rows and the finest
+  granularity's 8 stripes are disjoint, 3 rows each (the paper gives neither stride nor input size; at
+  stride 32 the 12 rows cannot hold 8 equal stripes). A granularity with more stripes than rows is
+  refused.
+- Learning-rate schedule: not given; the engine's cosine decay.
+- Eq. 2's attention: read as scaled dot-product attention (1/√c, softmax over the attended words).
+- Channel attention: HAN-style avg+max MLP with reduction 16 (its form is not given).
+- Triplet margins α = 0.2 (not given).
+- Ablation stand-ins: without GCP the global embedding is the mean of the parts; without GAB one shared
+  1×1 conv, no channel attention.
+- Test-time cosine: each granularity L2-normalised before concatenating, so every granularity counts
+  equally whatever its scale (the score is the mean of the granularities' cosines).
+- `warmup_epochs` > 0 (not in the paper; off by default) adds a first stage with the backbone frozen,
+  whose trunk features the engine can cache: a cheap start for the new layers on CPU.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +45,9 @@ from torch import Tensor, nn
 from pedcli.errors import PedError
 from pedcli.models.attention import POOLINGS, ChannelAttention, masked_pool, masked_softmax
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
+from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, part_alignment_loss, triplet_hardest
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, TrainConfig, register_method
+from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
 
 LOSSES = ("triplet", "identity", "pal")
@@ -50,6 +60,7 @@ class MGELConfig:
     backbone: str = "mobilenet_v2"  # Table 1 reports mobilenet_v2, resnet50 and vgg16
     pretrained: str = "imagenet"  # "none" trains the backbone from scratch
     granularities: tuple[int, ...] = (1, 2, 4, 8)  # stripes per granularity, 2^(k-1); Table 3 / Fig. 4
+    last_stride: int = 1  # 1: last map at stride 16 (24 rows at 384×128: 8 disjoint stripes of 3 rows)
     embed_dim: int = 512  # c, the width of every part and global embedding (sec. 4.1)
     word_dim: int = 300  # word vectors (sec. 4.1); the BiLSTM has c/2 units per direction so Z is c wide
     pooling: str = "avgmax"  # eq. 1: "avg" | "max" | "avgmax" (Table 4, pooling rows)
@@ -78,10 +89,15 @@ class MGELConfig:
             )
         if self.pooling not in POOLINGS:
             raise PedError(f"unknown MGEL pooling '{self.pooling}'", f"choose one of: {', '.join(POOLINGS)}")
+        if self.last_stride not in (1, 2):
+            raise PedError(f"MGEL last_stride must be 1 or 2, got {self.last_stride}")
         if self.backbone not in BACKBONES:
             raise PedError(f"unknown backbone '{self.backbone}'", f"choose one of: {', '.join(BACKBONES)}")
         if self.embed_dim < 2 or self.embed_dim % 2:
-            raise PedError(f"MGEL embed_dim must be even (two LSTM directions), got {self.embed_dim}")
+            raise PedError(
+                f"MGEL embed_dim must be even (two LSTM directions), got {self.embed_dim}",
+                "use an even width, e.g. the paper's embed_dim=512",
+            )
         if not (self.triplet or self.identity or self.pal):
             raise PedError("MGEL needs at least one loss", "enable triplet, identity or pal")
 
@@ -140,7 +156,15 @@ class MGEL(Method):
     def __init__(self, cfg: MGELConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         c, grans = cfg.embed_dim, cfg.granularities
-        self.backbone = build_backbone(cfg.backbone, cfg.pretrained)
+        rows = math.ceil(info.image_size[0] / (16 if cfg.last_stride == 1 else 32))
+        if max(grans) > rows:
+            raise PedError(
+                f"MGEL granularity of {max(grans)} stripes needs a last map at least {max(grans)} rows high; "
+                f"{info.image_size[0]}-pixel-high images give {rows} rows (last_stride={cfg.last_stride})",
+                "preprocess taller images (--image-size), set last_stride=1, or drop that granularity "
+                "(--set granularities=1,2,4)",
+            )
+        self.backbone = build_backbone(cfg.backbone, cfg.pretrained, last_stride=cfg.last_stride)
         trunk_dim = self.backbone.channels[-1]
         self.text_encoder = RNNTextEncoder(info.vocab_size, cfg.word_dim, hidden=c // 2, cell="lstm")
         if cfg.gab:  # one block per granularity and modality
@@ -158,20 +182,14 @@ class MGEL(Method):
         )
 
     # ---- schedule ---------------------------------------------------------------------------------
-    def stages(self, train: TrainConfig) -> list[Stage]:
+    def default_stages(self) -> list[Stage]:
+        """Sec. 4.1: end to end, Adam at 2e-4, 32 pairs a batch (the rate's schedule is not given: cosine)."""
         cfg = self.cfg
         losses = tuple(name for name in LOSSES if getattr(cfg, name))
-        lr = train.lr or cfg.lr
-
-        def epochs(default: int) -> int:
-            return train.epochs if train.epochs is not None else default
-
-        joint = Stage("joint", epochs(cfg.epochs), lr, losses)
+        joint = Stage("joint", cfg.epochs, cfg.lr, losses, batch_size=32)
         if not cfg.warmup_epochs:
             return [joint]
-        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
-        warmup = Stage("warmup", epochs(cfg.warmup_epochs), lr, losses, trainable=heads, freeze_trunk=True)
-        return [warmup, joint]
+        return [Stage("warmup", cfg.warmup_epochs, cfg.lr, losses, freeze_trunk=True, batch_size=32), joint]
 
     # ---- image path -------------------------------------------------------------------------------
     def image_trunk(self, batch: Batch) -> Tensor:
@@ -260,10 +278,18 @@ class MGEL(Method):
         return {name: torch.stack(values).sum() for name, values in terms.items()}
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:
-        """Cosine of text part i with image stripe i, per granularity: the stripes a caption matches."""
-        t = F.normalize(text_feats["parts"], dim=-1)
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation:
+        """For the first query and each image: the cosine of text part i with image stripe i, drawn for
+        the finest granularity (the stripes a caption matches); `details["stripe_similarity"]` holds
+        every granularity's [n_image, stripes] cosines, in `details["granularities"]` order."""
+        t = F.normalize(text_feats["parts"][:1], dim=-1)
         i = F.normalize(image_feats["parts"], dim=-1)
-        stripes = torch.einsum("apc,bpc->abp", t, i)  # [n_text, n_image, Σn]
+        stripes = torch.einsum("pc,bpc->bp", t[0], i)  # [n_image, Σn]
         sizes = list(self.cfg.granularities)
-        return {"granularities": sizes, "stripe_similarity": list(stripes.split(sizes, dim=2))}
+        per_size = [as_array(s) for s in stripes.split(sizes, dim=1)]
+        finest = max(per_size, key=lambda s: s.shape[1])
+        return Explanation(
+            f"similarity of {finest.shape[1]} stripes",
+            grid=finest[..., None],
+            details={"granularities": sizes, "stripe_similarity": per_size},
+        )

@@ -54,21 +54,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import cross_dots, masked_softmax, per_image, per_text
+from pedcli.models.attention import (
+    Layout,
+    as_float,
+    attended_cosine,
+    cross_cosine,
+    cross_dots,
+    masked_mean,
+    masked_softmax,
+    per_image,
+    per_text,
+)
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
+from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, sum_of_hinges
 from pedcli.models.methods.base import (
     Batch,
     DataInfo,
     Features,
-    Method,
     Stage,
-    TrainConfig,
     index_features,
     register_method,
     require,
 )
-from pedcli.models.methods.pma import _attended_cosine
+from pedcli.models.methods.pairwise import PairwiseMethod
 from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
 
 UNITS = ("phrases", "words")
@@ -76,11 +85,6 @@ SCORES = ("fused", "global", "relation", "local")  # s_F, s_G, s_R, s_L (Table I
 SCHEDULES = ("step", "together")
 STEP1_OBJECTIVES = ("id", "mat", "id+mat")  # Table V
 STEP2_OBJECTIVES = ("mat", "id+mat")
-# Text features with one row per phrase slot, [B, M, ...] ("phrases_gram" is [B, M, M]).
-PHRASE_KEYS = ("phrases", "phrases_mask", "rga_phrases", "bfm_phrases")
-# Largest [text, image, units, parts] intermediate of one `similarity` call, in elements: texts are
-# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
-SCORE_BUDGET = 1 << 24
 
 # The similarity each matching loss (eq. 20) ranks, and the submodules it reaches (so a stage trains
 # exactly what its losses use; the backbone is added where the CNN is not frozen).
@@ -188,33 +192,19 @@ def unit_features(units: Tensor, name: str, mlps: dict[str, Callable[[Tensor], T
     return feats | {f"{prefix}_{name}": F.normalize(mlp(units), dim=-1) for prefix, mlp in mlps.items()}
 
 
-def _trim_units(text: Features) -> Features:
-    """Drop phrase columns no text of this chunk uses (padding sized for the longest caption)."""
-    if "phrases_mask" not in text:
-        return text
-    used = text["phrases_mask"].any(0).nonzero()
-    n = int(used.max()) + 1 if used.numel() else 1
-    out = {k: v[:, :n] if k in PHRASE_KEYS else v for k, v in text.items()}
-    return out | {"phrases_gram": text["phrases_gram"][:, :n, :n]}
-
-
 def _diag_norms(gram: Tensor) -> Tensor:
     """The units' norms [B, K] from their Gram matrix [B, K, K] (floored: padding units are zero)."""
     return gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().clamp(min=1e-8)
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the last dim of the valid entries (eq. 14's 1/m); zero where none is valid."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
-
-
 @register_method("mia")
-class MIA(Method):
+class MIA(PairwiseMethod):
     """GC (global-global) + RGA (relation-guided global-local) + BFM (part ↔ noun-phrase) alignments."""
 
     Config = MIAConfig
     cfg: MIAConfig
+    unit_keys = ("phrases", "phrases_mask", "rga_phrases", "bfm_phrases")  # one row per phrase slot
+    square_unit_keys = ("phrases_gram",)
 
     def __init__(self, cfg: MIAConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -244,26 +234,20 @@ class MIA(Method):
         ids = ("identity",) if "id" in spec.split("+") else ()
         return ids + (self._matching(with_bfm) if "mat" in spec else ())
 
-    def _stage(
-        self, name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool, train: TrainConfig
-    ) -> Stage:
-        """A stage training exactly the submodules its losses reach (plus the CNN unless frozen)."""
+    def _stage(self, name: str, epochs: int, lr: float, losses: tuple[str, ...], frozen: bool) -> Stage:
+        """A stage training exactly the submodules its losses reach (plus the CNN unless frozen); Adam,
+        batch 96 (§IV-B). With the CNN learning (step 2) the rate falls ÷10 every 10 epochs."""
         if not losses:
             raise PedError(
                 f"MIA stage '{name}' has no loss with these switches",
                 "enable a granularity the stage matches, or add the identity objective",
             )
         modules = {m for loss in losses for m in LOSS_MODULES[loss]} | (set() if frozen else {"backbone"})
-        return Stage(
-            name,
-            train.epochs if train.epochs is not None else epochs,
-            train.lr or lr,
-            losses,
-            trainable=tuple(sorted(modules)),
-            freeze_trunk=frozen,
-        )
+        decay = {} if frozen else {"scheduler": "step", "milestones": tuple(range(10, epochs, 10))}
+        return Stage(name, epochs, lr, losses, trainable=tuple(sorted(modules)), freeze_trunk=frozen,
+                     batch_size=96, **({"scheduler": "constant"} | decay))  # fmt: skip
 
-    def stages(self, train: TrainConfig) -> list[Stage]:
+    def default_stages(self) -> list[Stage]:
         """§III-B.2 (eqs. 21–23) and §IV-B's rates and epochs; the switches give Tables IV–VI."""
         cfg = self.cfg
         together = cfg.schedule == "together"
@@ -272,17 +256,20 @@ class MIA(Method):
         if cfg.merge_steps:  # Table VI: one stage, CNN included, at the step-2 rate for both steps' epochs
             merged = tuple(dict.fromkeys(step1 + step2))
             stages = [self._stage("steps_1_2", cfg.step1_epochs + cfg.step2_epochs, cfg.step2_lr, merged,
-                                  False, train)]  # fmt: skip
+                                  False)]  # fmt: skip
         else:
             stages = [
-                self._stage("step1", cfg.step1_epochs, cfg.step1_lr, step1, True, train),  # eq. 21
-                self._stage("step2", cfg.step2_epochs, cfg.step2_lr, step2, False, train),  # eq. 22
+                self._stage("step1", cfg.step1_epochs, cfg.step1_lr, step1, True),  # eq. 21
+                self._stage("step2", cfg.step2_epochs, cfg.step2_lr, step2, False),  # eq. 22
             ]
-        if cfg.fine and not together:  # eq. 23: only the two BFM MLPs learn
+        if cfg.fine and not together:  # eq. 23: only the two BFM MLPs learn, constant rate ...
+            step3 = self._matching(with_bfm=True)[-2:]
+            # ... and the 1×1 conv / phrase FC when no earlier step reached them (no RGA: GC+BFM, Fine)
+            trained = {m for stage in stages for m in stage.trainable}
+            untrained = {m for loss in step3 for m in LOSS_MODULES[loss]} - trained
             stages.append(Stage(
-                "step3", train.epochs if train.epochs is not None else cfg.step3_epochs,
-                train.lr or cfg.step3_lr, self._matching(with_bfm=True)[-2:], trainable=("bfm",),
-                freeze_trunk=True,
+                "step3", cfg.step3_epochs, cfg.step3_lr, step3, trainable=tuple(sorted({"bfm"} | untrained)),
+                freeze_trunk=True, batch_size=96, scheduler="constant",
             ))  # fmt: skip
         return stages
 
@@ -335,52 +322,51 @@ class MIA(Method):
         return feats
 
     # ---- the five similarities ----------------------------------------------------------------------
-    def _relation(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
+    def _relation(self, text: Features, image: Features, layout: Layout) -> dict[str, Tensor]:
         """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11)."""
-        t_hat = F.normalize(text["global"], dim=-1)[:, None]  # [nt, 1, d]
-        i_hat = F.normalize(image["global"], dim=-1)[:, None]  # [ni, 1, d]
-        parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
-        v = torch.softmax(cross_dots(t_hat, image["rga_parts"], pairwise), -1)  # eq. 6, [..., 1, n]
-        dots = cross_dots(t_hat, parts, pairwise)  # P_i · T̂
-        s_i = _attended_cosine(v, dots, per_image(image["parts_gram"], pairwise))[..., 0]  # eqs. 7–8
-        rel = cross_dots(text["rga_phrases"], i_hat, pairwise).transpose(-1, -2)
-        c = masked_softmax(rel, per_text(mask, pairwise)[..., None, :])  # eq. 9, [..., 1, M]
-        dots = cross_dots(phrases, i_hat, pairwise).transpose(-1, -2)  # N_j · Î
-        s_t = _attended_cosine(c, dots, per_text(text["phrases_gram"], pairwise))[..., 0]  # eqs. 10–11
+        t_hat = F.normalize(text["global"], dim=-1)[..., None, :]  # [.., 1, d]
+        i_hat = F.normalize(image["global"], dim=-1)[..., None, :]
+        phrases, mask = text["phrases"], text["phrases_mask"]
+        v = torch.softmax(cross_dots(t_hat, image["rga_parts"], layout), -1)  # eq. 6, [..., 1, n]
+        dots = cross_dots(t_hat, image["parts"], layout)  # P_i · T̂
+        s_i = attended_cosine(v, dots, image["parts_gram"], "image", layout)[..., 0]  # eqs. 7–8
+        rel = cross_dots(text["rga_phrases"], i_hat, layout).transpose(-1, -2)
+        c = masked_softmax(rel, per_text(mask, layout)[..., None, :])  # eq. 9, [..., 1, M]
+        dots = cross_dots(phrases, i_hat, layout).transpose(-1, -2)  # N_j · Î
+        s_t = attended_cosine(c, dots, text["phrases_gram"], "text", layout)[..., 0]  # eqs. 10–11
         return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
 
-    def _fine(self, text: Features, image: Features, pairwise: bool) -> dict[str, Tensor]:
+    def _fine(self, text: Features, image: Features, layout: Layout) -> dict[str, Tensor]:
         """BFM: s_P with α (eqs. 12–14, phrases attend over parts) and s_N with β (eqs. 15–17, parts
         attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
-        parts, phrases, mask = image["parts"], text["phrases"], text["phrases_mask"]
+        parts, phrases = image["parts"], text["phrases"]
         gram_n, gram_p = text["phrases_gram"], image["parts_gram"]
-        cos = cross_dots(text["bfm_phrases"], image["bfm_parts"], pairwise)  # [..., M, n]
-        raw = cross_dots(phrases, parts, pairwise)  # N_j · P_k
-        n_norm = per_text(_diag_norms(gram_n), pairwise)[..., :, None]
-        p_norm = per_image(_diag_norms(gram_p), pairwise)[..., None, :]
+        cos = cross_dots(text["bfm_phrases"], image["bfm_parts"], layout)  # [..., M, n]
+        raw = cross_dots(phrases, parts, layout)  # N_j · P_k
+        n_norm = per_text(_diag_norms(gram_n), layout)[..., :, None]
+        p_norm = per_image(_diag_norms(gram_p), layout)[..., None, :]
         alpha = torch.softmax(cos, dim=-1)  # eq. 13
         # cos(Ĩ_j, N_j) of eq. 12, from N̂_j · P_k
-        per_phrase = _attended_cosine(alpha, raw / n_norm, per_image(gram_p, pairwise))
-        m = per_text(mask, pairwise)
-        s_p = _masked_mean(per_phrase, m)  # eq. 14
+        per_phrase = attended_cosine(alpha, raw / n_norm, gram_p, "image", layout)
+        m = per_text(text["phrases_mask"], layout)
+        s_p = masked_mean(per_phrase, m)  # eq. 14
         beta = masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
         # cos(T̃_i, P_i) of eq. 15, from N_k · P̂_i
-        per_part = _attended_cosine(beta, (raw / p_norm).transpose(-1, -2), per_text(gram_n, pairwise))
+        per_part = attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n, "text", layout)
         return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
 
     def components(
-        self, text: Features, image: Features, pairwise: bool, which: set[str]
+        self, text: Features, image: Features, layout: Layout, which: set[str]
     ) -> dict[str, Tensor]:
-        """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), [nt, ni] or [n] for aligned
-        pairs, plus the attention weights of the modules computed."""
+        """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), one per pair of the layout,
+        plus the attention weights of the modules computed."""
         out: dict[str, Tensor] = {}
         if "s_G" in which:  # eq. 4
-            t, i = F.normalize(text["global"], dim=-1), F.normalize(image["global"], dim=-1)
-            out["s_G"] = (t * i).sum(-1) if pairwise else t @ i.T
+            out["s_G"] = cross_cosine(text["global"], image["global"], layout)
         if which & {"s_I", "s_T"}:
-            out |= self._relation(text, image, pairwise)
+            out |= self._relation(text, image, layout)
         if which & {"s_P", "s_N"}:
-            out |= self._fine(text, image, pairwise)
+            out |= self._fine(text, image, layout)
         return out
 
     def _score_terms(self) -> dict[str, float]:
@@ -400,34 +386,15 @@ class MIA(Method):
             terms |= {"s_P": cfg.lambda2 / 2, "s_N": cfg.lambda2 / 2}
         return terms
 
-    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
-        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
-        image = {k: v.float() for k, v in image.items()}
+    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
         terms = self._score_terms()
-        comps = self.components(text, image, pairwise, set(terms))
+        comps = self.components(text, image, layout, set(terms))
         return sum(w * comps[name] for name, w in terms.items())
 
-    def _pair_width(self, text: Features) -> int:
-        """Elements per (text, image) pair of the largest scoring intermediate."""
+    def pair_width(self, units: int) -> int:
         if not self.cfg.local:
             return 1
-        units = int(_trim_units(text)["phrases"].shape[1])
         return max(self.cfg.parts, units) * (self.cfg.parts if self.cfg.fine else 1)
-
-    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
-        nt = text_feats["global"].shape[0]
-        ni = image_feats["global"].shape[0]
-        if nt == 0:
-            return torch.empty(0, ni)
-        step = max(1, SCORE_BUDGET // max(1, ni * self._pair_width(text_feats)))
-        return torch.cat([
-            self._scores(index_features(text_feats, slice(s, s + step)), image_feats, pairwise=False)
-            for s in range(0, nt, step)
-        ])  # fmt: skip
-
-    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        return self._scores(text_feats, image_feats, pairwise=True)
 
     # ---- training ---------------------------------------------------------------------------------
     def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
@@ -440,34 +407,35 @@ class MIA(Method):
                 self.classifier(text["global"]), labels
             )
         matching = [name for name in stage.losses if name in MATCHING]
-        comps = self.components(text, image, False, {MATCHING[name] for name in matching})
+        comps = self.components(text, image, "all", {MATCHING[name] for name in matching})
         for name in matching:
-            out[name] = sum_of_hinges(comps[MATCHING[name]], batch["pid"], self.cfg.margin)
+            # positives by image (§III-B.1): another image of the same person is a negative
+            out[name] = sum_of_hinges(comps[MATCHING[name]], batch["image_index"], self.cfg.margin)
         return out
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:
-        """For the first query and each image: the BFM weights of every noun phrase over the n stripes
-        (α, eq. 13: which phrase matched which part — Fig. 7b) and of every stripe over the phrases
-        (β, eq. 16); the RGA weights of the stripes given the sentence (v, eq. 6 — Fig. 7a) and of the
-        phrases given the image (c, eq. 9); and the five similarities. Only valid phrases are kept."""
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation:
+        """For the first query and each image: the RGA weights of the n stripes given the sentence (v,
+        eq. 6 — Fig. 7a) as a stripe grid, and the BFM weights of every noun phrase over the stripes (α,
+        eq. 13: which phrase matched which part — Fig. 7b). `details`: the stripes' weights over the
+        phrases (β, eq. 16), the phrases' RGA weights given the image (c, eq. 9) and the five similarities.
+        Only valid phrases are kept."""
         text = index_features(text_feats, slice(0, 1))
-        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
+        text = self.trim(as_float(text))
         image = {k: v.float() for k, v in image_feats.items()}
         cfg = self.cfg
         which = {"s_G", *("s_I", "s_T") * cfg.relation, *("s_P", "s_N") * cfg.fine}
         with torch.no_grad():
-            comps = self.components(text, image, pairwise=False, which=which)
-        out: dict[str, Any] = {
-            "region_grid": (cfg.parts, 1),
-            "scores": {k: comps[k][0].numpy() for k in sorted(which)},  # each [ni]
-        }
+            comps = self.components(text, image, layout="all", which=which)
+        details: dict[str, Any] = {"scores": {k: as_array(comps[k][0]) for k in sorted(which)}}  # each [ni]
+        grid = links = None
         if cfg.local:
             valid = text["phrases_mask"][0]
             if cfg.relation:
-                out["regions"] = comps["v"][0].numpy()  # [ni, n]
-                out["phrase_relation"] = comps["c"][0][:, valid].numpy()  # [ni, m]
+                grid = as_array(comps["v"][0])[..., None]  # [ni, n, 1]
+                details["phrase_relation"] = as_array(comps["c"][0][:, valid])  # [ni, m]
             if cfg.fine:
-                out["phrases"] = comps["alpha"][0][:, valid].numpy()  # [ni, m, n]
-                out["parts_to_phrases"] = comps["beta"][0][..., valid].numpy()  # [ni, n, m]
-        return out
+                links = as_array(comps["alpha"][0][:, valid])  # [ni, m, n]
+                details["parts_to_phrases"] = as_array(comps["beta"][0][..., valid])  # [ni, n, m]
+        parts = [f"stripe {k + 1}" for k in range(cfg.parts)] if links is not None else []
+        return Explanation("attention over stripes", grid=grid, parts=parts, links=links, details=details)

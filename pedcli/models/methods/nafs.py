@@ -48,31 +48,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import masked_pool, masked_softmax
+from pedcli.models.attention import (
+    EPS,
+    Layout,
+    attended_cosine,
+    cross_cosine,
+    cross_dots,
+    masked_mean,
+    masked_pool,
+    masked_softmax,
+    per_image,
+    per_text,
+)
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
+from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import cmpc_loss, cmpm_loss
 from pedcli.models.methods.base import (
     Batch,
     DataInfo,
     Features,
-    Method,
     Stage,
-    TrainConfig,
     index_features,
     register_method,
     require,
 )
+from pedcli.models.methods.pairwise import PairwiseMethod
 from pedcli.models.text_encoders import BertEncoder
 from pedcli.text.bert import resolve_bert_model
 
 IMAGE_SCALES = ("global", "region", "patch")
 TEXT_SCALES = ("sentence", "subsentence", "word")  # paired with IMAGE_SCALES by position (Table 3)
 ALIGNMENTS = ("joint", "separate")
-TEST_SCORES = ("mean", "image_text", "text_image")
-# Largest [text, image, units, units] intermediate of one `similarity` call, in elements: texts are
-# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
-SCORE_BUDGET = 1 << 23
-_EPS = 1e-8
+TEST_SCORES = ("paper", "official", "mean")
+ATTENTION_NORMS = ("paper", "official")
 
 
 @dataclass
@@ -96,9 +104,11 @@ class NAFSConfig:
     split_shuffle: bool = True  # Table 4 (needs the staircase)
     locality: bool = True  # eq. 1; False: a sub-sentence [CLS] attends over the whole sentence
     nonlocal_attention: bool = True  # Table 4; False: scales concatenated into one vector, cosine
-    focal: bool = True  # the focal trick of eqs. 2–3
+    attention_norm: str = "official"  # ŝ of eqs. 2–3: "paper" (sum) or "official" (the release's L2)
+    focal: bool = False  # the focal trick of eqs. 2–3 (the paper; off in the release's scripts)
     lambda_softmax: float = 20.0  # λ1 = λ2, inverse temperature of eq. 3 (not given; BFAN's 20)
-    test_score: str = "mean"  # "mean" of S and S', or eq. 5's S ("image_text") / S' ("text_image")
+    # "paper": eq. 5's S; "official" (the release): global cosine + S; "mean": (S + S') / 2
+    test_score: str = "official"
     csal_temperature: float = 0.1  # CSAL: p = softmax(S / τ) over the batch (S is a cosine mean)
     cmpm_weight: float = 1.0  # λ2 of eq. 7
     cmpc_weight: float = 1.0  # λ3 of eq. 7
@@ -138,6 +148,8 @@ class NAFSConfig:
              "set split_shuffle=false when staircase=false"),
             (self.test_score in TEST_SCORES, f"unknown NAFS test_score '{self.test_score}'",
              f"choose one of: {', '.join(TEST_SCORES)}"),
+            (self.attention_norm in ATTENTION_NORMS, f"unknown NAFS attention_norm '{self.attention_norm}'",
+             f"choose one of: {', '.join(ATTENTION_NORMS)}"),
             (min(self.embed_dim, self.region_stripes, self.patch_stripes, self.rvn_neighbours) > 0
              and self.lambda_softmax > 0 and self.csal_temperature > 0,
              "NAFS embed_dim, stripes, rvn_neighbours, lambda_softmax and csal_temperature must be positive",
@@ -255,68 +267,61 @@ def focal(s_hat: Tensor, mask: Tensor, dim: int) -> Tensor:
     return (count * s_hat - total).clamp(min=0) * s_hat * mask
 
 
-def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor, norms: Tensor, dim: int) -> Tensor:
-    """cos(u, Σ_b w_b v_b) for each u, from the raw dots u·v_b, the Gram matrix of the v's and |u|,
-    without forming the attended vectors. weights and dots share a layout; `dim` runs over b."""
-    num = (weights * dots).sum(dim) / norms.clamp(min=_EPS)
-    # |Σ_b w_b v_b|² = w G wᵀ: weights [..., a, b] (dim -1) or [..., b, a] (dim -2), gram [..., b, b]
-    sq = ((weights @ gram) * weights).sum(-1) if dim == -1 else ((gram @ weights) * weights).sum(-2)
-    return num / sq.clamp(min=0).sqrt().clamp(min=_EPS)
+def attention_logits(cos: Tensor, mask: Tensor, dim: int, norm: str = "official") -> Tensor:
+    """ŝ of eqs. 2–3: the similarities [..., m, n] normalised along `dim` (the attending side's units).
+
+    "paper": [cos]_+ divided by its sum along `dim`. With ~60 textual units and 6 visual ones this makes
+    image→text attention one-hot and text→image attention uniform at λ = 20 (the logits' scale grows or
+    shrinks with the other side's unit count). "official" (the authors' released code): LeakyReLU(cos,
+    0.1) divided by its L2 norm along `dim`, whose scale hardly depends on the unit count."""
+    m = mask.to(cos.dtype)
+    if norm == "paper":
+        s = cos.clamp(min=0) * m  # eq. 2 (and s'_ab, its transpose)
+        return s / s.sum(dim, keepdim=True).clamp(min=EPS)
+    s = F.leaky_relu(cos, 0.1) * m
+    return s / s.norm(dim=dim, keepdim=True).clamp(min=EPS)
 
 
 def contextual_attention(
-    cos: Tensor, dots: Tensor, mask: Tensor, image_gram: Tensor, text_gram: Tensor,
-    image_norms: Tensor, text_norms: Tensor, lam: float, use_focal: bool = True,
+    cos: Tensor, dots: Tensor, mask: Tensor, text: Features, image: Features, layout: Layout,
+    lam: float, use_focal: bool = False, norm: str = "official",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Both directions for pairs laid out [..., m, n] (m visual units, n textual units).
+    """Both directions for the pairs of `layout`, laid out [..., m, n] (m visual units, n textual units).
 
     cos: cos(i_q, t_k); dots: i_v · t_v; mask: which (a, b) may align (valid text units, and the scale
-    pairs under separate alignment); grams: i_v·i_v [..., m, m] and t_v·t_v [..., n, n]; norms |i_v|
-    [..., m], |t_v| [..., n]. Returns (S [...], S' [...], α [..., m, n], α' [..., m, n]).
+    pairs under separate alignment); `text` / `image`: the sides' "values_gram" (t_v·t_v, i_v·i_v) and
+    "values_norms" (|t_v|, |i_v|); `norm`: see `attention_logits`. Returns (S [...], S' [...],
+    α [..., m, n], α' [..., m, n]).
     """
     m = mask.to(cos.dtype)
-    s = cos.clamp(min=0) * m  # eq. 2 (and s'_ab, its transpose)
     # image → text: ŝ normalised over the visual units, focal and softmax over the textual ones (eq. 3)
-    s_hat = s / s.sum(-2, keepdim=True).clamp(min=_EPS)
+    s_hat = attention_logits(cos, mask, -2, norm)
     s_til = focal(s_hat, m, -1) if use_focal else s_hat
     alpha = masked_softmax(lam * s_til, mask, dim=-1)
-    r = _attended_cosine(alpha, dots, text_gram, image_norms, -1)  # eq. 4, [..., m]
-    rows = mask.any(-1).to(cos.dtype)
-    score = (r * rows).sum(-1) / rows.sum(-1).clamp(min=1)  # eq. 5
+    r = attended_cosine(alpha, dots, text["values_gram"], "text", layout)  # eq. 4, [..., m]
+    r = r / per_image(image["values_norms"], layout).clamp(min=EPS)
+    score = masked_mean(r, mask.any(-1))  # eq. 5
     # text → image: ŝ' normalised over the textual units, focal and softmax over the visual ones
-    s_hat2 = s / s.sum(-1, keepdim=True).clamp(min=_EPS)
+    s_hat2 = attention_logits(cos, mask, -1, norm)
     s_til2 = focal(s_hat2, m, -2) if use_focal else s_hat2
     alpha2 = masked_softmax(lam * s_til2, mask, dim=-2)
-    r2 = _attended_cosine(alpha2, dots, image_gram, text_norms, -2)  # [..., n]
-    cols = mask.any(-2).to(cos.dtype)
-    score2 = (r2 * cols).sum(-1) / cols.sum(-1).clamp(min=1)  # S'(T, I)
+    r2 = attended_cosine(alpha2, dots, image["values_gram"], "image", layout, dim=-2)  # [..., n]
+    r2 = r2 / per_text(text["values_norms"], layout).clamp(min=EPS)
+    score2 = masked_mean(r2, mask.any(-2))  # S'(T, I)
     return score, score2, alpha, alpha2
 
 
-# ---- all-pairs helpers: text [nt, ...] × image [ni, ...] → [nt, ni, ...], or aligned pairs → [n, ...]
-def _cross(image: Tensor, text: Tensor, pairwise: bool) -> Tensor:
-    """Dot products of image units [ni, m, D] with text units [nt, n, D]: [nt, ni, m, n] ([k, m, n])."""
-    if pairwise:
-        return image @ text.transpose(1, 2)
-    ni, m, d = image.shape
-    nt, n, _ = text.shape
-    flat = image.reshape(ni * m, d) @ text.reshape(nt * n, d).T  # one GEMM for every pair
-    return flat.reshape(ni, m, nt, n).permute(2, 0, 1, 3)
-
-
-def _per_text(x: Tensor, pairwise: bool) -> Tensor:
-    return x if pairwise else x.unsqueeze(1)
-
-
-def _per_image(x: Tensor, pairwise: bool) -> Tensor:
-    return x if pairwise else x.unsqueeze(0)
-
-
-def _trim_units(text: Features) -> Features:
-    """Drop unit columns no text of this chunk uses (padding sized for the longest caption)."""
-    used = (text["scales"] > 0).any(0).nonzero()
-    n = int(used.max()) + 1 if used.numel() else 1
-    return {k: v[:, :n] if k in ("keys", "values", "scales") else v for k, v in text.items()}
+def _side(feats: Features, attending: str) -> Features:
+    """One side's features with what its attention reads per item: its `attending` units (queries or
+    keys) at unit length as "unit_<attending>", its values' Gram matrix and norms. Idempotent."""
+    if attending not in feats or "values_gram" in feats:
+        return feats
+    values = feats["values"]
+    return feats | {
+        f"unit_{attending}": F.normalize(feats[attending], dim=-1),
+        "values_gram": values @ values.transpose(-1, -2),
+        "values_norms": values.norm(dim=-1),
+    }
 
 
 def _matching_kl(logits: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
@@ -326,11 +331,14 @@ def _matching_kl(logits: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 @register_method("nafs")
-class NAFS(Method):
+class NAFS(PairwiseMethod):
     """Staircase CNN + locality-constrained BERT, all scales aligned by contextual non-local attention."""
 
     Config = NAFSConfig
+    trunk_modules = ("staircase",)
     cfg: NAFSConfig
+    score_budget = 1 << 23
+    unit_keys = ("keys", "values", "scales")
 
     def __init__(self, cfg: NAFSConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -365,19 +373,25 @@ class NAFS(Method):
     def loss_names(self) -> tuple[str, ...]:
         return ("cmpm", "cmpc", "csal") if self.cfg.nonlocal_attention else ("cmpm", "cmpc")
 
-    def stages(self, train: TrainConfig) -> list[Stage]:
-        """§4.1: Adam, 0.00011 for the visual and textual extraction branches, 0.0011 for the rest; an
-        optional frozen warm-up first (`frozen_epochs`, not in the paper)."""
+    def default_stages(self) -> list[Stage]:
+        """§4.1: Adam, 0.00011 for the visual and textual extraction branches, 0.0011 for the rest, batch
+        64 (no schedule given: the engine's cosine); an optional frozen warm-up first (`frozen_epochs`,
+        not in the paper). `bert_trainable=false` keeps BERT out of every stage."""
         cfg = self.cfg
         extractors = ("staircase", "text")
-        heads = tuple(name for name, _ in self.named_children() if name not in extractors) + ("cmpc_classes",)
-        joint = Stage("joint", train.epochs if train.epochs is not None else cfg.epochs, train.lr or cfg.lr,
-                      self.loss_names(), lr_mult={e: cfg.extractor_lr_mult for e in extractors})  # fmt: skip
+        bert = ("text.bert",) if not cfg.bert_trainable and hasattr(self.text, "bert") else ()
+        joint = Stage("joint", cfg.epochs, cfg.lr, self.loss_names(), frozen=bert,
+                      lr_mult={e: cfg.extractor_lr_mult for e in extractors})  # fmt: skip
         if cfg.frozen_epochs <= 0:
             return [joint]
-        warm = Stage("frozen_extractors", train.epochs if train.epochs is not None else cfg.frozen_epochs,
-                     train.lr or cfg.lr, self.loss_names(), trainable=heads, freeze_trunk=True)  # fmt: skip
+        warm = Stage("frozen_extractors", cfg.frozen_epochs, cfg.lr, self.loss_names(), frozen=("text",),
+                     freeze_trunk=True)  # fmt: skip
         return [warm, joint]
+
+    def pretrained_modules(self) -> tuple[str, ...]:
+        """The ImageNet staircase, and BERT unless `bert_random_init`."""
+        bert = hasattr(self.text, "bert") and not self.cfg.bert_random_init
+        return super().pretrained_modules() + (("text.bert",) if bert else ())
 
     # ---- image path -------------------------------------------------------------------------------
     def _units_of(self, scale: str) -> int:
@@ -445,53 +459,44 @@ class NAFS(Method):
                 "scales": codes.to(torch.int8)}  # fmt: skip
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def _attention(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, ...]:
-        """(S, S', α, α') of every pair (texts × images, or aligned pairs)."""
-        keys, t_values = text["keys"].float(), text["values"].float()
-        queries, i_values = image["queries"].float(), image["values"].float()
-        codes = _per_text(text["scales"].long(), pairwise)[..., None, :]  # [.., 1, n]
+    def unit_mask(self, text: Features) -> Tensor | None:
+        return text["scales"] > 0 if "scales" in text else None
+
+    def text_side(self, text: Features) -> Features:
+        """Adds the unit-length keys "unit_keys", the values' Gram matrix and norms."""
+        return _side(super().text_side(text), "keys")
+
+    def image_side(self, image: Features) -> Features:
+        """Adds the unit-length queries "unit_queries", the values' Gram matrix and norms."""
+        return _side(super().image_side(image), "queries")
+
+    def _attention(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, ...]:
+        """(S, S', α, α') of every pair of the layout."""
+        text, image = self.text_side(text), self.image_side(image)
+        codes = per_text(text["scales"].long(), layout)[..., None, :]  # [.., 1, n]
         mask = codes > 0
         if self.cfg.alignment == "separate":
             mask = mask & (codes == self.image_scale_codes[:, None])
         else:
             mask = mask.expand(*mask.shape[:-2], self.n_image_units, -1)
-        cos = _cross(F.normalize(queries, dim=-1), F.normalize(keys, dim=-1), pairwise)
-        dots = _cross(i_values, t_values, pairwise)
-        return contextual_attention(
-            cos, dots, mask,
-            _per_image(i_values @ i_values.transpose(1, 2), pairwise),
-            _per_text(t_values @ t_values.transpose(1, 2), pairwise),
-            _per_image(i_values.norm(dim=-1), pairwise),
-            _per_text(t_values.norm(dim=-1), pairwise),
-            self.cfg.lambda_softmax, self.cfg.focal,
-        )  # fmt: skip
+        cos = cross_dots(text["unit_keys"], image["unit_queries"], layout).transpose(-1, -2)  # [.., m, n]
+        dots = cross_dots(text["values"], image["values"], layout).transpose(-1, -2)
+        return contextual_attention(cos, dots, mask, text, image, layout, self.cfg.lambda_softmax,
+                                    self.cfg.focal, self.cfg.attention_norm)  # fmt: skip
 
-    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
+    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
         if not self.cfg.nonlocal_attention:
-            t, i = F.normalize(text["global"].float(), dim=-1), F.normalize(image["global"].float(), dim=-1)
-            return (t * i).sum(-1) if pairwise else t @ i.T
-        s, s2 = self._attention(_trim_units(text), image, pairwise)[:2]
-        if self.cfg.test_score == "image_text":
+            return cross_cosine(text["global"], image["global"], layout)
+        if self.cfg.test_score == "mean":
+            s, s2 = self._attention(text, image, layout)[:2]
+            return (s + s2) / 2
+        s = self._attention(text, image, layout)[0]  # (S' is computed too: its share of the work is small)
+        if self.cfg.test_score == "paper":
             return s
-        return s2 if self.cfg.test_score == "text_image" else (s + s2) / 2
+        return cross_cosine(text["global"], image["global"], layout) + s
 
-    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        """[n_text, n_image], texts in sub-chunks so no intermediate exceeds SCORE_BUDGET elements."""
-        nt = text_feats["global"].shape[0]
-        ni = image_feats["global"].shape[0]
-        if not nt:
-            return torch.empty(0, ni)
-        width = (
-            self.n_image_units * int(_trim_units(text_feats)["scales"].shape[1])
-            if self.cfg.nonlocal_attention
-            else 1
-        )
-        step = max(1, SCORE_BUDGET // max(1, ni * width))
-        return torch.cat([self._scores(index_features(text_feats, slice(s, s + step)), image_feats, False)
-                          for s in range(0, nt, step)])  # fmt: skip
-
-    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        return self._scores(text_feats, image_feats, pairwise=True)
+    def pair_width(self, units: int) -> int:
+        return self.n_image_units * units if self.cfg.nonlocal_attention else 1
 
     # ---- training ---------------------------------------------------------------------------------
     def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
@@ -504,7 +509,7 @@ class NAFS(Method):
             "cmpc": cfg.cmpc_weight * cmpc_loss(image["global"], text["global"], labels, self.cmpc_classes),
         }
         if cfg.nonlocal_attention:
-            s, s2 = self._attention(text, image, pairwise=False)[:2]  # [texts, images]
+            s, s2 = self._attention(text, image, "all")[:2]  # [texts, images]
             same = (pids[:, None] == pids[None, :]).float()
             q = same / same.sum(1, keepdim=True)  # symmetric y: q over texts per image = over images per text
             l_i = _matching_kl(s.T / cfg.csal_temperature, q)  # image i over texts j
@@ -513,15 +518,16 @@ class NAFS(Method):
         return {name: out[name] for name in stage.losses}
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any] | None:
-        """For the first query and each image: which image unit each text unit attends to (α') and
-        which text unit each image unit attends to (α), with the units named by scale (Fig. 4)."""
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation | None:
+        """For the first query and each image: how much each text unit attends to each image unit (α'),
+        the units named by scale (Fig. 4); the sentence's row is the `focus` (the units have no geometry
+        to draw). `details["image_to_text"]`: each image unit's weights over the text units (α, eq. 3)."""
         if not self.cfg.nonlocal_attention:
             return None
-        text = _trim_units(index_features(text_feats, slice(0, 1)))
+        text = self.trim(index_features(text_feats, slice(0, 1)))
         valid = text["scales"][0] > 0
         with torch.no_grad():
-            s, s2, alpha, alpha2 = self._attention(text, image_feats, pairwise=False)
+            s, s2, alpha, alpha2 = self._attention(text, image_feats, layout="all")
         counts = {k: 0 for k in range(1, 4)}
         text_units = []
         for code in text["scales"][0][valid].tolist():
@@ -529,14 +535,17 @@ class NAFS(Method):
             text_units.append("sentence" if code == 1 else f"{TEXT_SCALES[code - 1]} {counts[code]}")
         image_units = [s if self._units_of(s) == 1 else f"{s} {k + 1}"
                        for s in self.cfg.image_scales for k in range(self._units_of(s))]  # fmt: skip
-        return {
-            "image_units": image_units,
-            "text_units": text_units,
-            "image_to_text": alpha[0][..., valid].numpy(),  # [ni, m, n]: each image unit's weights (eq. 3)
-            "text_to_image": alpha2[0][..., valid].transpose(-1, -2).numpy(),  # [ni, n, m]
-            "regions": alpha2[0][..., valid][..., 0].numpy(),  # [ni, m]: the sentence's weights
-            "scores": {"image_text": s[0].numpy(), "text_image": s2[0].numpy()},
-        }
+        return Explanation(
+            "the sentence attends to",
+            parts=image_units,
+            links=as_array(alpha2[0][..., valid].transpose(-1, -2)),  # [ni, n text units, m image units]
+            link_texts=text_units,
+            focus=as_array(alpha2[0][..., valid][..., 0]),  # [ni, m]: the sentence's weights
+            details={
+                "image_to_text": as_array(alpha[0][..., valid]),  # [ni, m, n]: each image unit's weights
+                "scores": {"image_text": as_array(s[0]), "text_image": as_array(s2[0])},
+            },
+        )
 
 
 def _bert_folder(cfg: NAFSConfig, info: DataInfo) -> str | None:

@@ -36,36 +36,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import cross_dots, masked_pool, masked_softmax, per_image, per_text
+from pedcli.models.attention import (
+    EPS,
+    Layout,
+    attended_cosine,
+    cross_cosine,
+    cross_dots,
+    masked_mean,
+    masked_pool,
+    masked_softmax,
+    per_image,
+    per_text,
+)
 from pedcli.models.backbones import BACKBONES, build_backbone
+from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
 from pedcli.models.methods.base import (
     Batch,
     DataInfo,
     Features,
-    Method,
     Stage,
-    TrainConfig,
     index_features,
     register_method,
     require,
 )
+from pedcli.models.methods.pairwise import PairwiseMethod
 from pedcli.models.text_encoders import RNNTextEncoder, gather_spans
 from pedcli.pose.keypoints import PARTS, group_parts
 
 CA_ATTENTIONS = ("hard", "soft", "top_m")
 FA_UNITS = ("phrases", "words")
-# Largest [text, image, units, parts] intermediate of one `similarity` call, in elements: texts are
-# scored in sub-chunks under it, so memory stays bounded whatever chunk sizes the engine passes.
-SCORE_BUDGET = 1 << 24
-_EPS = 1e-8
 
 
 @dataclass
@@ -185,18 +191,10 @@ def attend_by_cosine(queries: Tensor, values: Tensor) -> Tensor:
     return torch.softmax(cos, dim=-1) @ values
 
 
-def _attended_cosine(weights: Tensor, dots: Tensor, gram: Tensor) -> Tensor:
-    """cos(Σ_n w_n u_n, v) from w [..., K, N], dots u_n·v̂ [..., K, N] and the Gram matrix u_n·u_m
-    [..., N, N], without forming the attended vectors (which would be [pairs, K, b])."""
-    num = (weights * dots).sum(-1)
-    sq_norm = ((weights @ gram) * weights).sum(-1)
-    return num / sq_norm.clamp(min=_EPS**2).sqrt()  # clamped before the root: no infinite gradient at 0
-
-
 def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [..., b] → (x / ‖x‖, ‖x‖): cosines straight from the unit vectors, dot products from both."""
     norms = x.norm(dim=-1)
-    return x / norms.clamp(min=_EPS)[..., None], norms
+    return x / norms.clamp(min=EPS)[..., None], norms
 
 
 def _gram(units: Tensor, norms: Tensor) -> Tensor:
@@ -204,21 +202,13 @@ def _gram(units: Tensor, norms: Tensor) -> Tensor:
     return (units @ units.transpose(1, 2)) * norms[:, :, None] * norms[:, None, :]
 
 
-def _trim_units(text: Features) -> Features:
-    """Drop unit columns no text of this chunk uses (phrase padding sized for the longest caption)."""
-    if "phrases" not in text:
-        return text
-    used = text["phrases_mask"].any(0).nonzero()
-    n = int(used.max()) + 1 if used.numel() else 1
-    return {**text, **{k: text[k][:, :n] for k in ("phrases", "phrase_norms", "phrases_mask")}}
-
-
 @register_method("pma")
-class PMA(Method):
+class PMA(PairwiseMethod):
     """Coarse (sentence ↔ 24 regions, hard attention) + fine (noun phrases ↔ regions via 6 pose parts)."""
 
     Config = PMAConfig
     cfg: PMAConfig
+    unit_keys = ("phrases", "phrase_norms", "phrases_mask")
 
     def __init__(self, cfg: PMAConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
@@ -246,16 +236,15 @@ class PMA(Method):
             names += ["fa_ranking", "fa_identity"] + (["part"] if self.cfg.fa_pose else [])
         return tuple(names)
 
-    def stages(self, train: TrainConfig) -> list[Stage]:
-        """§Implementation Details: the pretrained CNN frozen at lr 1e-3, then all at 2e-4. The pose
-        CNN is randomly initialised, so it learns in both steps."""
+    def default_stages(self) -> list[Stage]:
+        """§Implementation Details: the pretrained CNN frozen at lr 1e-3, then all at 2e-4; Adam, batch
+        128 (no schedule given: the engine's cosine). The pose CNN is randomly initialised, so it learns
+        in both steps."""
         cfg = self.cfg
-        heads = tuple(name for name, _ in self.named_children() if name != "backbone")
         return [
-            Stage("frozen_cnn", train.epochs if train.epochs is not None else cfg.frozen_epochs,
-                  train.lr or cfg.frozen_lr, self.loss_names(), trainable=heads, freeze_trunk=True),
-            Stage("all", train.epochs if train.epochs is not None else cfg.full_epochs,
-                  train.lr or cfg.full_lr, self.loss_names()),
+            Stage("frozen_cnn", cfg.frozen_epochs, cfg.frozen_lr, self.loss_names(), freeze_trunk=True,
+                  batch_size=128),
+            Stage("all", cfg.full_epochs, cfg.full_lr, self.loss_names(), batch_size=128),
         ]  # fmt: skip
 
     # ---- image path -------------------------------------------------------------------------------
@@ -349,78 +338,68 @@ class PMA(Method):
         return self.text_features(batch)[0]
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def _coarse(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def text_side(self, text: Features) -> Features:
+        """Adds the phrases' Gram matrix "phrases_gram" [B, P, P] (FA with pose)."""
+        text = super().text_side(text)
+        if "phrases" in text and self.cfg.fa_pose and "phrases_gram" not in text:
+            text["phrases_gram"] = _gram(text["phrases"], text["phrase_norms"])
+        return text
+
+    def image_side(self, image: Features) -> Features:
+        """Adds the FA regions' Gram matrix "fa_regions_gram" [B, 24, 24] (FA without pose)."""
+        image = super().image_side(image)
+        if "fa_regions" in image and "fa_regions_gram" not in image:
+            image["fa_regions_gram"] = _gram(image["fa_regions"], image["fa_region_norms"])
+        return image
+
+    def _coarse(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
         """(S_ca, local similarities s_ij [..., 24], attention weights [..., 24]) — eqs. 7–9."""
-        t = F.normalize(text["global"], dim=-1)[:, None]
         if not self.cfg.coarse:  # Table 3 without CA: cosine of the global features
-            s = cross_dots(t, F.normalize(image["global"], dim=-1)[:, None], pairwise)[..., 0, :]
+            s = cross_cosine(text["global"], image["global"], layout)[..., None]
             return s[..., 0], s, torch.ones_like(s)
-        s = cross_dots(t, image["regions"], pairwise)[..., 0, :]  # eq. 7
+        t = F.normalize(text["global"], dim=-1)[..., None, :]
+        s = cross_dots(t, image["regions"], layout)[..., 0, :]  # eq. 7
         w = coarse_attention(s, self.cfg.ca_attention, self.cfg.ca_top_m)  # eqs. 8–9
         return (w * s).sum(-1), s, w
 
-    def _fine_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
+    def _fine_pose(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor]:
         """(S_fa, α [..., 6, P]) — eqs. 10–13, each part p_k attending over the noun phrases.
 
         cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
         the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
+        text = self.text_side(text)
         phrases, norms, mask = text["phrases"], text["phrase_norms"], text["phrases_mask"]
-        cos = cross_dots(phrases, image["parts"], pairwise).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
-        alpha = masked_softmax(cos, per_text(mask, pairwise)[..., None, :])  # eq. 11
-        dots = cross_dots(phrases, image["fa_parts"], pairwise).transpose(-1, -2)
-        dots = dots * per_text(norms, pairwise)[..., None, :]  # ẽ_i · φ̂_k
-        gram = per_text(_gram(phrases, norms), pairwise)
-        return _attended_cosine(alpha, dots, gram).sum(-1), alpha  # eqs. 12–13
+        cos = cross_dots(phrases, image["parts"], layout).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
+        alpha = masked_softmax(cos, per_text(mask, layout)[..., None, :])  # eq. 11
+        dots = cross_dots(phrases, image["fa_parts"], layout).transpose(-1, -2)
+        dots = dots * per_text(norms, layout)[..., None, :]  # ẽ_i · φ̂_k
+        s = attended_cosine(alpha, dots, text["phrases_gram"], "text", layout)  # eq. 12
+        return s.sum(-1), alpha  # eq. 13
 
-    def _fine_no_pose(self, text: Features, image: Features, pairwise: bool) -> tuple[Tensor, Tensor]:
+    def _fine_no_pose(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor]:
         """(S_fa, β [..., P, 24]) — Table 5 "FA w/o pose": each phrase attends over the regions by
         cosine (eq. 11 with the phrase in the part's place); S_fa is the mean of the phrases' cosines
         with their attended regions (a caption's phrase count must not scale its score)."""
-        regions, r_norms = image["fa_regions"], image["fa_region_norms"]
-        cos = cross_dots(text["phrases"], regions, pairwise)  # [..., P, 24]
+        image = self.image_side(image)
+        cos = cross_dots(text["phrases"], image["fa_regions"], layout)  # [..., P, 24]
         beta = torch.softmax(cos, dim=-1)
-        dots = cos * per_image(r_norms, pairwise)[..., None, :]  # ê_i · r̃_j
-        gram = per_image(_gram(regions, r_norms), pairwise)
-        s = _attended_cosine(beta, dots, gram)  # [..., P]
-        m = per_text(text["phrases_mask"], pairwise).to(s.dtype)
-        return (s * m).sum(-1) / m.sum(-1).clamp(min=1), beta
+        dots = cos * per_image(image["fa_region_norms"], layout)[..., None, :]  # ê_i · r̃_j
+        s = attended_cosine(beta, dots, image["fa_regions_gram"], "image", layout)  # [..., P]
+        return masked_mean(s, per_text(text["phrases_mask"], layout)), beta
 
-    def _scores(self, text: Features, image: Features, pairwise: bool) -> Tensor:
+    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
         """S = S_ca + λ3·S_fa (§Learning PMA, test-time score)."""
-        text = _trim_units({k: v if v.dtype == torch.bool else v.float() for k, v in text.items()})
-        image = {k: v.float() for k, v in image.items()}
-        score = self._coarse(text, image, pairwise)[0]
+        score = self._coarse(text, image, layout)[0]
         if self.cfg.fine:
             fine = self._fine_pose if self.cfg.fa_pose else self._fine_no_pose
-            score = score + self.cfg.lambda3 * fine(text, image, pairwise)[0]
+            score = score + self.cfg.lambda3 * fine(text, image, layout)[0]
         return score
 
-    def _pair_width(self, text: Features) -> int:
-        """Elements per (text, image) pair of the largest scoring intermediate."""
+    def pair_width(self, units: int) -> int:
         regions = self.cfg.stripes * self.cfg.columns
         if not self.cfg.fine:
             return regions
-        units = int(_trim_units(text)["phrases"].shape[1])
         return max(regions, units * (len(PARTS) if self.cfg.fa_pose else regions))
-
-    def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        """[n_text, n_image]. Texts go in sub-chunks of similar phrase counts (each trims its own
-        padding) small enough that no intermediate exceeds SCORE_BUDGET elements."""
-        nt, ni = text_feats["global"].shape[0], image_feats["global"].shape[0]
-        device = text_feats["global"].device
-        if "phrases_mask" in text_feats:
-            order = torch.argsort(text_feats["phrases_mask"].sum(1), stable=True)
-        else:
-            order = torch.arange(nt, device=device)
-        step = max(1, SCORE_BUDGET // max(1, ni * self._pair_width(text_feats)))
-        out = torch.empty(nt, ni, device=device)
-        for s in range(0, nt, step):
-            rows = order[s : s + step]
-            out[rows] = self._scores(index_features(text_feats, rows), image_feats, pairwise=False)
-        return out
-
-    def pair_similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
-        return self._scores(text_feats, image_feats, pairwise=True)
 
     # ---- training ---------------------------------------------------------------------------------
     def losses(self, batch: Batch, stage: Stage) -> dict[str, Tensor]:
@@ -430,13 +409,13 @@ class PMA(Method):
         pids, labels = batch["pid"], batch["label"]
         branch = "ca" if cfg.coarse else "global"
         out = {
-            f"{branch}_ranking": triplet_hardest(self._coarse(text, image, False)[0], pids, cfg.margin),
+            f"{branch}_ranking": triplet_hardest(self._coarse(text, image, "all")[0], pids, cfg.margin),
             f"{branch}_identity": cfg.lambda1 * identity_loss(self.ca_classifier(image["global"]), labels)
             + cfg.lambda2 * identity_loss(self.ca_classifier(text["global"]), labels),  # eq. 14
         }
         if cfg.fine:
             fine = self._fine_pose if cfg.fa_pose else self._fine_no_pose
-            out["fa_ranking"] = cfg.lambda3 * triplet_hardest(fine(text, image, False)[0], pids, cfg.margin)
+            out["fa_ranking"] = cfg.lambda3 * triplet_hardest(fine(text, image, "all")[0], pids, cfg.margin)
             out["fa_identity"] = cfg.lambda3 * (
                 cfg.lambda1 * identity_loss(self.fa_classifier(image_raw["fa_id"]), labels)
                 + cfg.lambda2 * identity_loss(self.fa_classifier(text_raw["fa_id"]), labels)
@@ -448,23 +427,25 @@ class PMA(Method):
         return {name: out[name] for name in stage.losses}
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> dict[str, Any]:
-        """For the first query and each image: the CA regions kept by the attention (eq. 9) with their
-        softmax weights q_ij (eq. 8) and cosines s_ij (eq. 7), and per body part the weight of each noun
-        phrase (eq. 11)."""
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation:
+        """For the first query and each image: the CA regions' softmax weights q_ij (eq. 8) on the
+        stripes × columns grid, the regions kept by the hard attention (eq. 9), and per noun phrase its
+        weight for each body part (eq. 11). `details["region_similarity"]` holds the cosines s_ij (eq. 7)."""
         text = index_features(text_feats, slice(0, 1))
         text = {k: v if v.dtype == torch.bool else v.float() for k, v in text.items()}
         image = {k: v.float() for k, v in image_feats.items()}
+        grid = (-1, self.cfg.stripes, self.cfg.columns)
         with torch.no_grad():
-            _, s, w = self._coarse(text, image, pairwise=False)
-            out: dict[str, Any] = {
-                "region_grid": (self.cfg.stripes, self.cfg.columns),
-                "regions": torch.softmax(s[0], dim=-1).numpy(),  # [ni, 24]
-                "selected": (w[0] > 0).numpy(),
-                "region_similarity": s[0].numpy(),
-            }
+            _, s, w = self._coarse(text, image, layout="all")
+            links, parts = None, []
             if self.cfg.fine and self.cfg.fa_pose:
-                alpha = self._fine_pose(text, image, pairwise=False)[1]
-                out["parts"] = list(PARTS)
-                out["phrases"] = alpha[0][..., text["phrases_mask"][0]].numpy()  # [ni, 6, valid phrases]
-        return out
+                alpha = self._fine_pose(text, image, layout="all")[1]  # [ni, 6 parts, phrases]
+                links, parts = as_array(alpha[0][..., text["phrases_mask"][0]].transpose(1, 2)), list(PARTS)
+            return Explanation(
+                "attention over regions",
+                grid=as_array(torch.softmax(s[0], dim=-1).reshape(grid)),
+                selected=as_array((w[0] > 0).reshape(grid), bool),
+                parts=parts,
+                links=links,
+                details={"region_similarity": as_array(s[0])},
+            )
