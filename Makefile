@@ -22,7 +22,7 @@ DEMO_EPOCHS ?= 3
 # end-to-end epochs. `ped train --method mgel` without options keeps the paper's schedule.
 DEMO_TRAIN ?= $(if $(filter mgel,$(DEMO_METHOD)),--set warmup_epochs=20 --set epochs=0 --set lr=2e-3,--epochs $(DEMO_EPOCHS))
 
-.PHONY: setup test lint demo bench bench-preprocess bench-train bench-eval bench-scoring bench-query bench-backbone clean-demo bench-serve bench-methods
+.PHONY: setup test lint demo bench bench-preprocess bench-train bench-eval bench-scoring bench-query bench-embed bench-backbone clean-demo bench-serve bench-methods
 
 setup: $(STAMP)
 
@@ -67,6 +67,9 @@ bench-scoring: setup
 
 bench-query: setup
 	$(PY) benchmarks/bench_query.py
+
+bench-embed: setup
+	$(PY) benchmarks/bench_embed.py
 
 bench-serve: setup
 	$(PY) benchmarks/bench_serve.py

@@ -1,18 +1,26 @@
-"""Warm `ped query` search latency over 10k / 100k / 1M cached gallery embeddings, flat vs faiss.
+"""`ped query` at gallery scale (1M and 10M images by default): warm latency, recall, cold open, memory, and
+the cost of adding 1,000 images.
 
 Synthetic features stand in for a gallery (scale is what is measured, not accuracy): float16 "global"
-vectors drawn around one centre per identity (10 images each), like a trained model's embeddings; queries
-are noisy copies of random identities' centres. Measured per size, warm (index built, features and index
-on the page cache): median / p95 ms of one query's search, flat and faiss; faiss's recall@10 against the
-exact flat result; "query ms": everything `ped query` does per query after encoding the sentence (open
-the cached index of the `--index auto` choice, shortlist the default --rerank-top, score those exactly with
-the baseline method, keep the top 10); and the one-off faiss build (s) and memory-mapped load (ms).
-Run: `make bench-query`.
+vectors drawn around one centre per identity (10 images each), like a trained model's embeddings, written
+as the gallery store's memory-mapped row file; queries are noisy copies of random identities' centres.
+Per size, with the `--index auto` choice (faiss = IVF-SQfp16 up to 2M, sq8 above; see engine/index.py):
+- build s: the one-off index build (training the coarse quantiser + adding every row);
+- open ms: opening the store's row file and the saved index (memory-mapped; page cache warm);
+- query ms med/p95: everything `ped query` does per query after encoding the sentence (shortlist the
+  default --rerank-top 100 rows through the index, re-score them exactly with the baseline from the
+  float16 store, keep the top 10), one query at a time;
+- recall@10: that top 10 against the exact top 10 of a flat scan;
+- +1k: a query right after 1,000 images were appended (they are scanned exactly as the index's tail),
+  and the cost of folding those 1,000 rows into the trained lists (load, add, save);
+- peak RSS of the process.
+Run: `make bench-query` (sizes 1M and 10M; `--sizes 1000000` for one).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,19 +30,26 @@ import numpy as np
 import torch
 
 from pedcli.engine.gallery import GalleryFeatures
-from pedcli.engine.index import FaissIndex, choose_index, flat_search, inverse_norms
+from pedcli.engine.index import FaissIndex, choose_index, flat_search, store_index
 from pedcli.engine.query import DEFAULT_RERANK_TOP, rank_query, shortlist_rows
 from pedcli.models.methods.base import DataInfo, create_method
 
+_METHOD = create_method("baseline", DataInfo(num_classes=2, vocab_size=4), {"pretrained": "none"})
+ADDED = 1000
 
-def synthetic(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(gallery float16 [n, dim], identity centres float32 [n/10, dim])."""
-    centres = rng.standard_normal((max(1, n // 10), dim), dtype=np.float32)
-    out = np.empty((n, dim), dtype=np.float16)
-    for s in range(0, n, 100_000):
-        ids = np.arange(s, min(n, s + 100_000)) // 10
-        out[s : s + len(ids)] = centres[ids] + 0.6 * rng.standard_normal((len(ids), dim), dtype=np.float32)
-    return out, centres
+
+def write_store(path: Path, n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Identity centres float32 [n/10 + ADDED, dim]; writes n + ADDED float16 rows to `path` (the last
+    ADDED rows are the images added later)."""
+    centres = rng.standard_normal((n // 10 + ADDED, dim), dtype=np.float32)
+    total = n + ADDED
+    ids = np.concatenate([np.arange(n) // 10, n // 10 + np.arange(ADDED)])
+    with open(path, "wb") as f:
+        for s in range(0, total, 100_000):
+            block = centres[ids[s : s + 100_000]]
+            block = block + 0.6 * rng.standard_normal(block.shape, dtype=np.float32)
+            f.write(block.astype(np.float16).tobytes())
+    return centres
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -48,63 +63,77 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return float(np.median(times)), float(np.percentile(times, 95))
 
 
-def bench_size(n: int, dim: int, n_queries: int, k: int, rng: np.random.Generator) -> str:
-    """One result line for a gallery of n items."""
-    base, centres = synthetic(n, dim, rng)
-    q = centres[rng.integers(0, len(centres), n_queries)]
-    q = q + 0.6 * rng.standard_normal(q.shape, dtype=np.float32)
-    inv = inverse_norms(base)  # cached per store generation by `ped query`, like the faiss index
+def top10(feats: GalleryFeatures, q: np.ndarray, kind: str, k: int) -> list[int]:
+    """What `ped query` does after the text is encoded: shortlist DEFAULT_RERANK_TOP rows, score them
+    exactly with the method (the baseline: cosine), keep the top k."""
+    rows = shortlist_rows(feats, q, DEFAULT_RERANK_TOP, kind)[0]
+    text = {"global": torch.from_numpy(q)}
+    return [r for r, _ in rank_query(_METHOD, feats, text, rows, k, None, torch.device("cpu"))]
+
+
+def bench_size(n: int, dim: int, n_queries: int, k: int, kind: str, rng: np.random.Generator) -> str:
+    """One result line for a gallery of n images."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "faiss.1.ivf.index"  # where `ped query` caches it (generation 1)
+        store = Path(tmp)
+        row_file = store / "feat.1.global.bin"
+        centres = write_store(row_file, n, dim, rng)
+        kind = choose_index(kind, n)
+        q = centres[rng.integers(0, n // 10, n_queries)]
+        q = q + 0.6 * rng.standard_normal(q.shape, dtype=np.float32)
+        full = np.memmap(row_file, dtype=np.float16, mode="r", shape=(n + ADDED, dim))
+
+        def gallery(rows: int) -> GalleryFeatures:
+            return GalleryFeatures([], np.arange(rows), {"global": full[:rows]}, store, 1)
+
         t = time.perf_counter()
-        FaissIndex.build(base).save(path)
+        shortlist_rows(gallery(n), q[:1], 1, kind)  # builds and saves the index
         build_s = time.perf_counter() - t
         t = time.perf_counter()
-        index = FaissIndex.load(path)
-        load_ms = (time.perf_counter() - t) * 1000
-        flat = timed(lambda i: flat_search(base, q[i : i + 1], k, inv), min(n_queries, 10))
-        approx = timed(lambda i: index.search(q[i : i + 1], k), n_queries)
-        exact = flat_search(base, q, k, inv)[1]
-        found = index.search(q, k)[1]
+        opened = gallery(n)
+        index = store_index(opened.features["global"], store / f"{kind}.1", kind, row_file)
+        open_ms = (time.perf_counter() - t) * 1000
+        feats = gallery(n)
+        warm = timed(lambda i: top10(feats, q[i : i + 1], kind, k), n_queries)
+        exact = flat_search(full[:n], q, k)[1]
+        found = [top10(feats, q[i : i + 1], kind, k) for i in range(n_queries)]
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, found, strict=True)])
-        kind = choose_index("auto", n)
-        whole = timed(lambda i: warm_query(base, Path(tmp), q[i : i + 1], k, kind), min(n_queries, 20))
+
+        grown = gallery(n + ADDED)
+        new_q = centres[n // 10 : n // 10 + 20] + 0.3 * rng.standard_normal((20, dim), dtype=np.float32)
+        added = timed(lambda i: top10(grown, new_q[i : i + 1], kind, k), 19)
+        hit = np.mean([n <= top10(grown, new_q[i : i + 1], kind, k)[0] for i in range(20)])
+        t = time.perf_counter()
+        (path,) = store.glob(f"{kind}.1.t*.index")
+        writable = FaissIndex.load(path, writable=True)
+        writable.add(full, n)
+        writable.save(path)
+        fold_s = time.perf_counter() - t
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return (
-        f"{n:>9} {flat[0]:>9.1f}/{flat[1]:<8.1f} {approx[0]:>9.2f}/{approx[1]:<9.2f} {recall:>9.3f}"
-        f" {kind:>6} {whole[0]:>8.1f}/{whole[1]:<8.1f} {build_s:>7.1f} {load_ms:>7.1f}"
+        f"{n:>10} {kind:>5} {build_s:>7.1f} {open_ms:>7.1f} {warm[0]:>7.1f}/{warm[1]:<7.1f} {recall:>9.3f}"
+        f" {added[0]:>7.1f}/{added[1]:<7.1f} {hit:>6.2f} {fold_s:>6.1f} {peak_gb:>7.2f}"
         f"  (nlist {index.index.nlist}, nprobe {index.nprobe})"
     )
 
 
-_METHOD = create_method("baseline", DataInfo(num_classes=2, vocab_size=4), {"pretrained": "none"})
-
-
-def warm_query(base: np.ndarray, store: Path, q: np.ndarray, k: int, kind: str) -> None:
-    """What `ped query` does after the text is encoded: open the cached index, shortlist
-    DEFAULT_RERANK_TOP rows, score them exactly with the method (the baseline: cosine), keep the top k."""
-    feats = GalleryFeatures([], np.arange(len(base)), {"global": base}, store, 1)
-    rows = shortlist_rows(feats, q, DEFAULT_RERANK_TOP, kind)[0]
-    text = {"global": torch.from_numpy(q)}
-    rank_query(_METHOD, feats, text, rows, k, None, torch.device("cpu"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--dim", type=int, default=512, help="the baseline's embed_dim")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--index", default="auto", help="auto, faiss, sq8 or pq")
     ap.add_argument("--threads", type=int, default=1, help="torch + faiss threads (1: steady on a busy box)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    cols = ("N", "flat ms med/p95", "faiss ms med/p95", "recall@10", "auto", "query ms med/p95", "build s",
-            "load ms")  # fmt: skip
-    widths = (9, 18, 19, 9, 6, 17, 7, 7)
-    print(" ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
+    cols = ("N", "index", "build s", "open ms", "query ms med/p95", "recall@10", "+1k query med/p95",
+            "found", "fold s", "peak GB")  # fmt: skip
+    widths = (10, 5, 7, 7, 15, 9, 15, 6, 6, 7)
+    print(" ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)), flush=True)
     for n in args.sizes:
-        print(bench_size(n, args.dim, args.queries, args.k, rng), flush=True)
+        print(bench_size(n, args.dim, args.queries, args.k, args.index, rng), flush=True)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,9 @@ def query(
     min_score: float | None = typer.Option(None, "--min-score", help="Drop matches scoring below this."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of tables."),
     html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML page here."),
-    index: str = typer.Option("auto", "--index", help="Shortlist search: auto, flat (exact) or faiss."),
+    index: str = typer.Option(
+        "auto", "--index", help="Shortlist search: auto, flat (exact), faiss (IVF), sq8 or pq (compressed)."
+    ),
     rerank_top: int = typer.Option(
         100, "--rerank-top", min=1, help="Score this many cosine-shortlisted images exactly per query."
     ),
@@ -379,14 +381,15 @@ def query(
     checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of the run: best or last."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder call."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
+    force: bool = typer.Option(False, "--force", help="Replace an --html file that pedcli did not write."),
 ) -> None:
     """Rank the images of a folder by a sentence; features are cached, so later queries are fast."""
     from pedcli.engine.query import query_gallery, read_queries
-    from pedcli.engine.report import dump_json, print_tables, write_html
-    from pedcli.fileio import check_writable
+    from pedcli.engine.report import dump_json, is_query_page, print_tables, write_html
+    from pedcli.fileio import check_output
 
-    if html is not None:
-        check_writable(html)  # before the gallery is embedded, not after
+    if html is not None:  # before the gallery is embedded, not after
+        check_output(html, "ped query HTML page", is_query_page, force)
     sentences = list(text or []) + (read_queries(queries) if queries is not None else [])
     run = run or _newest_run(checkpoint)
     report = query_gallery(
@@ -427,9 +430,14 @@ def serve(
 
     check_listen(host, token)  # before loading anything: a refused --host fails fast
     service = SearchService(
-        run or _newest_run(checkpoint), gallery, checkpoint=checkpoint, cache_dir=cache_dir,
-        device=device, batch_size=batch_size, log=lambda m: console.print(m, markup=False, highlight=False),
-    )  # fmt: skip
+        run or _newest_run(checkpoint),
+        gallery,
+        checkpoint=checkpoint,
+        cache_dir=cache_dir,
+        device=device,
+        batch_size=batch_size,
+        log=lambda m: console.print(m, markup=False, highlight=False),
+    )
     run_server(service, host, port, token, console)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pedcli.data.schema import KEYPOINTS, POSE_STRIDE
 from pedcli.models.methods.base import Batch, DataInfo
 
 TINY_INFO = DataInfo(num_classes=4, vocab_size=30, image_size=(64, 32))
@@ -47,6 +48,13 @@ def repad(batch: Batch, pad_to: int) -> Batch:
     return out
 
 
+def with_pose(batch: Batch, seed: int = 0) -> Batch:
+    """The batch plus random pose maps at 1/8 of the image size (`pose` [B, 14, H/8, W/8])."""
+    h, w = (s // POSE_STRIDE for s in TINY_INFO.image_size)
+    g = torch.Generator().manual_seed(seed)
+    return {**batch, "pose": torch.rand(len(batch["lengths"]), len(KEYPOINTS), h, w, generator=g)}
+
+
 def even_spans(lengths: Sequence[int], counts: Sequence[int], slots: int, start: int = 0) -> torch.Tensor:
     """[B, slots, 2] spans, -1 padded: counts[i] consecutive [start, end) spans cutting item i's
     `lengths[i]` positions (from `start`) evenly."""
@@ -75,4 +83,3 @@ def with_word_pieces(batch: Batch, counts: Sequence[int], slots: int = 2) -> Bat
     ids[torch.arange(n), lengths + 1] = SEP
     spans = even_spans(lengths.tolist(), counts, slots, start=1)
     return {**batch, "bert_ids": ids, "bert_mask": mask, "bert_spans": spans, "n_spans": torch.tensor(counts)}
-

@@ -159,3 +159,31 @@ def test_cli_embed_then_eval(tiny_cache: Path, method: ToyMethod, tmp_path: Path
     assert json.loads(out.read_text())["t2i"] == pytest.approx(record["exact"]["t2i"], abs=1e-3)
     bad = runner.invoke(app, [*args, "--cache", str(tiny_cache)])
     assert bad.exit_code == 2 and "either --cache or --embeddings" in bad.output
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_features_of_one(tiny_cache: Path, method: ToyMethod, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 ped embed ...` (gloo, CPU): the ranks share the batches and rank 0
+    writes one file, identical to a single process's (batches of 3 split unevenly over the ranks)."""
+    import socket
+
+    import torch.multiprocessing as tmp
+    from embed_workers import embed_rank
+
+    from pedcli.engine.embed import embed_run
+
+    run = make_run(tmp_path, tiny_cache, method)
+    one = embed_run(run, None, "train", tmp_path / "one.h5", batch_size=3, device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp.spawn(embed_rank, args=(2, port, str(run), str(tmp_path / "two.h5")), nprocs=2)
+    a, b = load_embeddings(one), load_embeddings(tmp_path / "two.h5")
+    for group in (0, 1):
+        assert a[group].keys() == b[group].keys()
+        assert all(torch.equal(a[group][k], b[group][k]) for k in a[group])
+    assert a[2].caption == b[2].caption and a[2].image_path == b[2].image_path
+    assert (a[2].text_pid == b[2].text_pid).all() and (a[2].image_pid == b[2].image_pid).all()
+    shares = [json.loads((tmp_path / f"two.h5.rank{r}.json").read_text()) for r in (0, 1)]
+    for kind, n in (("images", len(a[2].image_path)), ("captions", len(a[2].caption))):
+        assert sum(s[kind] for s in shares) == n and min(s[kind] for s in shares) > 0  # split, not repeated

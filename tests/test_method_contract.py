@@ -4,10 +4,14 @@ Like timm's tests over `list_models()`: a method that registers itself gets thes
 default options until it adds narrow ones to TINY_OPTIONS). The per-method files test the papers'
 equations; this file tests what the engine relies on whatever the method:
 
-- the frozen-trunk cache (`image_trunk` → `batch["trunk"]`) gives the features of the full forward pass;
-- `pair_similarity` is the diagonal of `similarity`, and neither depends on how the engine chunks;
+- features are per item, with a `global` vector (the shortlist) and boolean `*_mask`s;
+- `pair_similarity` is the diagonal of `similarity`, `shortlist_similarity` reads the shortlisted scores,
+  and none depends on how the engine chunks or on float16 storage of the image features;
 - scores ignore padding: extra padding in a caption, and the other items of a batch (`ped embed` pads
   each batch to its longest caption, then zero-pads the batches to one width);
+- `explain` gives None or an `Explanation` of every image;
+- the frozen-trunk cache (`image_trunk` → `batch["trunk"]`) gives every feature of the full forward pass,
+  and images need pose maps only when `needs_pose` says so;
 - bad options are refused with a clear message (what is wrong, and a fix);
 - a checkpoint (config through JSON, weights through `save_checkpoint`) gives identical scores;
 - every stage of the schedule returns finite losses whose gradients reach exactly its trainable parameters.
@@ -22,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from method_batch import TINY_INFO, TINY_LENGTHS, repad, tiny_batch, with_phrases, with_word_pieces
+from method_batch import TINY_INFO, TINY_LENGTHS, repad, tiny_batch, with_phrases, with_pose, with_word_pieces
 
-from pedcli.data.schema import KEYPOINTS
 from pedcli.engine.embed import stack_padded
 from pedcli.engine.runs import load_checkpoint, save_checkpoint
 from pedcli.engine.stages import set_trainable, train_mode
@@ -49,7 +52,12 @@ TINY_OPTIONS: dict[str, dict] = {
 SCORING_VARIANTS: dict[str, list[dict]] = {
     "han": [{"normalize": True}],
     "mia": [{"relation": False}, {"fine": False}, {"units": "words"}, {"score": "local"}],
-    "nafs": [{"alignment": "separate"}, {"test_score": "text_image"}, {"nonlocal_attention": False}],
+    "nafs": [
+        {"alignment": "separate"},
+        {"test_score": "paper"},
+        {"nonlocal_attention": False},
+        {"test_score": "mean", "attention_norm": "paper", "focal": True},
+    ],
     "pma": [{"fa_pose": False}, {"fa_units": "words"}, {"coarse": False}, {"ca_attention": "top_m"}],
 }
 # Values each method must refuse (an unknown option is checked for every method).
@@ -76,10 +84,7 @@ SHORT = [2, 5]  # the two shortest captions: a batch of them is padded to 3 word
 def contract_batch(seed: int = 0) -> Batch:
     """method_batch's 6 (image, caption) pairs with every key a method may read: pose maps (1/8 of the
     image), noun phrases and BERT word pieces."""
-    batch = with_word_pieces(with_phrases(tiny_batch(seed), N_PHRASES), N_SPANS)
-    h, w = (s // 8 for s in TINY_INFO.image_size)
-    pose = torch.rand(len(TINY_LENGTHS), len(KEYPOINTS), h, w, generator=torch.Generator().manual_seed(seed))
-    return {**batch, "pose": pose}
+    return with_pose(with_word_pieces(with_phrases(tiny_batch(seed), N_PHRASES), N_SPANS), seed)
 
 
 def make(name: str, overrides: dict | None = None, seed: int = 0) -> Method:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from method_batch import TINY_INFO, tiny_batch
+from method_batch import TINY_INFO, tiny_batch, with_phrases
 
 from pedcli.engine.stages import set_trainable
 from pedcli.errors import PedError
@@ -22,14 +22,9 @@ CHANNELS = 1280  # MobileNetV2's last map
 def mia_batch(seed: int = 0) -> Batch:
     """method_batch's 6 pairs plus noun-phrase spans inside each caption and a random cached trunk
     (an untrained CNN's eval-mode maps are ~0, so images would all look alike)."""
-    batch = tiny_batch(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    spans = torch.full((6, 4, 2), -1)
-    for i, (n, length) in enumerate(zip(N_PHRASES, batch["lengths"].tolist(), strict=True)):
-        cuts = torch.linspace(0, length, n + 1).round().long()
-        spans[i, :n] = torch.stack([cuts[:-1], cuts[1:]], dim=1)
     trunk = (torch.randn(6, CHANNELS, generator=g), torch.randn(6, 6, CHANNELS, generator=g))
-    return {**batch, "phrases": spans, "n_phrases": torch.tensor(N_PHRASES), "trunk": trunk}
+    return {**with_phrases(tiny_batch(seed), N_PHRASES, slots=4), "trunk": trunk}
 
 
 def make(**overrides):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from method_batch import TINY_INFO, tiny_batch
+from method_batch import TINY_INFO, TINY_LENGTHS, tiny_batch
 
 from pedcli.errors import PedError
 from pedcli.models.methods import nafs
@@ -285,6 +286,7 @@ def test_feature_shapes_and_schedule(model) -> None:
     assert warm.freeze_trunk and warm.epochs == 2 and {"staircase", "text"}.isdisjoint(warm.trainable)
 
 
+BILSTM = {"word_dim": 5, "lstm_hidden": 6}
 SWITCHES = [  # (overrides, losses, image units, text scale codes present)
     ({}, {"cmpm", "cmpc", "csal"}, 6, {1, 2, 3}),
     ({"image_scales": ["global"], "text_scales": ["sentence"], "nonlocal_attention": False},
@@ -300,6 +302,11 @@ SWITCHES = [  # (overrides, losses, image units, text scale codes present)
     ({"locality": False}, {"cmpm", "cmpc", "csal"}, 6, {1, 2, 3}),
     ({"attention_norm": "paper", "focal": True}, {"cmpm", "cmpc", "csal"}, 6, {1, 2, 3}),  # eqs. 2–3
     ({"frozen_epochs": 1}, {"cmpm", "cmpc", "csal"}, 6, {1, 2, 3}),
+    ({"text_encoder": "bilstm", "staircase": False, "split_shuffle": False, "nonlocal_attention": False,
+      "image_scales": ["global"], "text_scales": ["sentence"], **BILSTM},
+     {"cmpm", "cmpc"}, None, None),  # Table 4 row 1 ("baseline": bi-LSTM, ResNet, CMPM + CMPC)
+    ({"text_encoder": "bilstm", "text_scales": ["sentence", "word"], **BILSTM},
+     {"cmpm", "cmpc", "csal"}, 6, {1, 3}),
 ]  # fmt: skip
 
 
@@ -332,6 +339,24 @@ def test_every_switch_builds_and_takes_a_training_step(overrides, losses, units,
         assert image["queries"].shape[1] == units
         assert set(text["scales"].unique().tolist()) - {0} == codes
     assert m.similarity(text, image).shape == (6, 6)
+    assert hasattr(m.text, "bert") == (m.cfg.text_encoder == "bert")
+
+
+def test_the_bilstm_reads_words_not_word_pieces() -> None:
+    m = make(text_encoder="bilstm", text_scales=["sentence", "word"], **BILSTM).eval()
+    batch = {k: v for k, v in nafs_batch().items() if not k.startswith("bert_") and k != "n_spans"}
+    text = m.encode_texts(batch)
+    assert (text["scales"] == 3).sum(1).tolist() == list(TINY_LENGTHS)  # one unit per word
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"image_scales": ["global"], "text_scales": ["sentence"]}, "nonlocal_attention=false"),  # Table 2
+    ({"text_encoder": "bilstm"}, "text_scales=\\[sentence\\]"),  # sub-sentences need the BERT's [CLS]
+])  # fmt: skip
+def test_contradictory_switches_are_refused(overrides, message) -> None:
+    with pytest.raises(PedError) as err:
+        make(**overrides)
+    assert re.search(message, str(err.value))
 
 
 def test_gradients_reach_cnn_bert_and_branches_in_the_joint_stage() -> None:

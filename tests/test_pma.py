@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from method_batch import TINY_INFO, tiny_batch
+from method_batch import TINY_INFO, tiny_batch, with_phrases, with_pose
 
 from pedcli.data.schema import KEYPOINTS
 from pedcli.errors import PedError
@@ -21,19 +21,7 @@ N_PHRASES = (2, 1, 2, 0, 3, 1)  # caption 3 has no noun phrase
 
 def pma_batch(seed: int = 0) -> Batch:
     """method_batch's 6 pairs plus 1/8-resolution pose maps and noun-phrase spans inside each caption."""
-    batch = tiny_batch(seed)
-    g = torch.Generator().manual_seed(seed)
-    h, w = (s // 8 for s in TINY_INFO.image_size)
-    spans = torch.full((6, 3, 2), -1)
-    for i, (n, length) in enumerate(zip(N_PHRASES, batch["lengths"].tolist(), strict=True)):
-        cuts = torch.linspace(0, length, n + 1).round().long()
-        spans[i, :n] = torch.stack([cuts[:-1], cuts[1:]], dim=1)
-    return {
-        **batch,
-        "pose": torch.rand(6, len(KEYPOINTS), h, w, generator=g),
-        "phrases": spans,
-        "n_phrases": torch.tensor(N_PHRASES),
-    }
+    return with_pose(with_phrases(tiny_batch(seed), N_PHRASES), seed)
 
 
 def make(**overrides):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import multiprocessing
+import os
 import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
@@ -339,6 +340,7 @@ def test_device_reaches_every_encoder_call(
 ) -> None:
     """`--device` is used for the gallery sync of `ped query` (it used to embed on the CPU), the query's
     text and its re-scoring, and for `ped embed`."""
+    import pedcli.engine.distributed as distributed_mod
     import pedcli.engine.embed as embed_mod
     import pedcli.engine.query as query_mod
 
@@ -349,8 +351,9 @@ def test_device_reaches_every_encoder_call(
         probes.append(DeviceProbe(method))
         return probes[-1], config
 
-    for mod in (query_mod, embed_mod):
+    for mod in (query_mod, distributed_mod):  # `ped embed` resolves it in distributed.setup
         monkeypatch.setattr(mod, "resolve_device", lambda _d: torch.device("meta"))
+    for mod in (query_mod, embed_mod):
         monkeypatch.setattr(mod, "load_run", probed_run)
     gal = tmp_path / "gallery"
     write_gallery(gal, tiny_cache, 3)
@@ -362,3 +365,46 @@ def test_device_reaches_every_encoder_call(
     assert query_calls & {"pair_similarity", "shortlist_similarity"}  # the exact re-scoring
     assert {"encode_images", "encode_texts"} <= embed_calls
     assert {d for p in probes for _, d in p.seen} == {"meta"}
+
+
+def test_read_only_gallery_keeps_its_cache_in_the_user_cache_dir(
+    trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Issue 10 item 7: a gallery folder the user cannot write used to make every query fail."""
+    gal = tmp_path / "gallery"
+    write_gallery(gal, tiny_cache, 3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if os.geteuid() == 0:  # root may write anywhere: stand in for a read-only mount
+        real = gallery_mod.can_write
+        monkeypatch.setattr(gallery_mod, "can_write", lambda d: not d.is_relative_to(gal) and real(d))
+    else:
+        for d in (gal, gal / "sub"):
+            d.chmod(0o555)
+    log: list[str] = []
+    try:
+        first = query_gallery(trained_run, gal, [QUERY], top=3, log=log.append)
+        again = query_gallery(trained_run, gal, [QUERY], top=3)
+    finally:
+        for d in (gal, gal / "sub"):
+            d.chmod(0o755)
+    assert first.embedded == 3 and again.embedded == 0 and not (gal / CACHE_DIRNAME).exists()
+    (root,) = (tmp_path / "xdg" / "pedcli" / "galleries").glob("gallery-*")
+    assert (root / "catalog.sqlite").is_file()
+    assert any("read-only" in line and str(root) in line for line in log), log
+
+
+def test_html_never_replaces_a_file_it_did_not_write(
+    trained_run: Path, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """Issue 10 item 13: `--html` used to overwrite any file, e.g. an image of the gallery."""
+    gal = tmp_path / "gallery"
+    photo = write_gallery(gal, tiny_cache, 2)[0]
+    before = photo.read_bytes()
+    args = ["query", QUERY, "--gallery", str(gal), "--run", str(trained_run), "--html"]
+    refused = CliRunner().invoke(app, [*args, str(photo)])
+    assert refused.exit_code == 2 and "--force" in refused.output and photo.read_bytes() == before
+    page = tmp_path / "page.html"
+    assert CliRunner().invoke(app, [*args, str(page)]).exit_code == 0
+    assert CliRunner().invoke(app, [*args, str(page)]).exit_code == 0  # an earlier page is replaced
+    forced = CliRunner().invoke(app, [*args, str(photo), "--force"])
+    assert forced.exit_code == 0 and photo.read_bytes().startswith(b"<!DOCTYPE html>")

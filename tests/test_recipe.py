@@ -13,7 +13,9 @@ import torch
 from conftest import TINY_BASELINE, tiny_train
 from method_batch import TINY_INFO, tiny_batch
 from torch import nn
+from typer.testing import CliRunner
 
+from pedcli.cli import app
 from pedcli.data.dataset import CaptionDataset, collate
 from pedcli.engine import augment
 from pedcli.engine.stages import (
@@ -40,6 +42,8 @@ TINY_OPTIONS: dict[str, dict] = {
     "pma": {"pretrained": "none", "embed_dim": 8, "hidden": 6, "word_dim": 5, "pose_widths": [4, 4, 4, 4]},
 }  # fmt: skip
 CACHE_INFO = DataInfo(num_classes=4, vocab_size=20, image_size=(32, 16))
+# the project's methods (test modules may register toy methods of their own)
+METHODS = [n for n in list_methods() if method_class(n).__module__.startswith("pedcli.models.methods.")]
 
 
 def stage(**kw) -> Stage:
@@ -204,10 +208,8 @@ def presets(name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("name", METHODS)
 def test_every_preset_trains_every_parameter_of_its_score(name: str, tiny_cache: Path) -> None:
-    if name == "toy":
-        pytest.skip("the engine tests' stand-in has no schedule")
     batch = cache_batch(tiny_cache)
     checked = 0
     for preset in presets(name):
@@ -224,6 +226,7 @@ def test_every_preset_trains_every_parameter_of_its_score(name: str, tiny_cache:
         check_every_score_parameter_learns(m, stages, batch)
         checked += 1
     assert checked
+    assert set(METHODS) == set(TINY_OPTIONS)  # a new method adds its tiny widths here
 
 
 def test_the_guard_names_untrained_parameters(tiny_cache: Path, tmp_path: Path) -> None:
@@ -237,3 +240,11 @@ def test_the_guard_names_untrained_parameters(tiny_cache: Path, tmp_path: Path) 
     check_every_score_parameter_learns(pretrained, pretrained.stages(), batch)
     with pytest.raises(PedError, match="no stage trains"):
         tiny_train(tiny_cache, tmp_path / "run", epochs=0)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_ped_methods_lists_the_recipe_options() -> None:
+    result = CliRunner().invoke(app, ["methods", "han"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for option in ("optimizer", "channel_relu", "stage1_decay_epoch", "augment", "crop_pad", "erase_prob"):
+        assert option in result.output

@@ -76,6 +76,9 @@ def test_runs_tells_interrupted_and_running_apart(run_root: Path, tmp_path: Path
         with pytest.raises(PedError, match="being trained by another process"):
             tiny_train(Path(runs.read_config(run)["cache"]), run, resume=True)
     assert summarize(run).state == "interrupted"
+    (run / runs.CONFIG).write_text("{", encoding="utf-8")  # cut by hand or by a full disk
+    assert summarize(run).state == "damaged"
+    assert {r["name"]: r["state"] for r in _listed(tmp_path)} == {"c": "damaged"}
 
 
 def test_eval_of_the_runs_own_cache_is_recorded_for_runs(run_root: Path, tmp_path: Path) -> None:
@@ -174,3 +177,13 @@ def test_tensorboard_event_files(tiny_cache: Path, tmp_path: Path, monkeypatch: 
         tiny_train(tiny_cache, tmp_path / "no-tb", epochs=1, tensorboard=True)
     assert "pedcli[tensorboard]" in err.value.hint
     assert not (tmp_path / "no-tb").exists()  # refused before anything was written
+
+
+def test_resume_without_run_continues_the_newest(
+    run_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(run_root / "b", tmp_path / "runs" / "b")
+    monkeypatch.chdir(tmp_path)
+    out = _ped("train", "--resume", "--quiet")
+    assert "resuming run runs/b (the only run under runs/)" in out
+    assert len(runs.read_metrics(tmp_path / "runs" / "b")) == 2  # finished: nothing trained again

@@ -24,9 +24,10 @@ AUGMENTATIONS = ("flip", "crop", "erase")
 
 
 def random_shift(images: Tensor, pad: int, pose: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Zero-pad each image by `pad` pixels and crop it back at a random offset (torchvision's
-    RandomCrop(size, padding=pad) per image, 0 = the ImageNet mean after normalisation): a shift by up
-    to `pad` pixels each way. Pose maps [B, K, h, w] shift by the same amount, rounded to their cells."""
+    """Pad each image by `pad` pixels and crop it back at a random offset (torchvision's
+    RandomCrop(size, padding=pad) per image): a shift by up to `pad` pixels each way. The padding is 0,
+    the ImageNet mean colour after normalisation (IRRA pads black before normalising).
+    Pose maps [B, K, h, w] shift by the same amount, rounded to their cells."""
     shifts = torch.randint(-pad, pad + 1, (images.shape[0], 2)).tolist()
     out = _shift(images, shifts, pad)
     if pose is None:
@@ -46,9 +47,9 @@ def _shift(x: Tensor, shifts: list[tuple[int, int]], pad: int) -> Tensor:
 
 
 def random_erase(images: Tensor, prob: float) -> Tensor:
-    """torchvision's RandomErasing (IRRA's defaults: area 2–33%, aspect 0.3–3.3, value 0 = the mean)
-    drawn per image."""
-    erase = v2.RandomErasing(p=prob, value=0)
+    """torchvision's RandomErasing drawn per image, with IRRA's area of 2–40 % of the image (aspect
+    0.3–3.3) filled with 0, the ImageNet mean colour after normalisation."""
+    erase = v2.RandomErasing(p=prob, scale=(0.02, 0.4), value=0)
     return torch.stack([erase(img) for img in images])
 
 

@@ -42,6 +42,14 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average each number over the ranks (every rank gets the result)."""
         if not self.distributed or not values:

@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from pedcli import __version__
@@ -28,7 +28,7 @@ from pedcli.data.cache import Cache, load_cache_info
 from pedcli.data.dataset import ImageDataset, TextDataset, collate
 from pedcli.data.images import load_rgb, normalize_image, resize_rgb
 from pedcli.engine.batching import move_batch
-from pedcli.engine.distributed import resolve_device
+from pedcli.engine.distributed import DistContext, setup, teardown
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
 from pedcli.errors import PedError
 from pedcli.fileio import atomic_path, check_output, sha256_file
@@ -75,15 +75,23 @@ def encode_batches(
     total: int | None = None,
     progress: bool = True,
 ) -> Features:
-    """Run `encode` (a method's encode_images / encode_texts) over batches; CPU features, one dict."""
+    """Run `encode` (a method's encode_images / encode_texts) over batches; CPU features, one dict. Image
+    maps go in channels_last (NHWC), the layout training uses and `for_inference` gives the weights."""
     device = torch.device(device)
     out: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(batches, desc=desc, total=total, disable=not progress, unit="batch"):
-        for key, value in encode(move_batch(batch, device)).items():
+        for key, value in encode(move_batch(batch, device, channels_last=True)).items():
             out.setdefault(key, []).append(value.detach().cpu())
     if "global" not in out:
         raise PedError(f"the method's {desc} features have no 'global' entry", "fix the method's encoder")
     return {key: stack_padded(parts) for key, parts in out.items()}
+
+
+def for_inference(method: Method) -> Method:
+    """Eval mode with channels_last (NHWC) convolution weights, as training runs them: faster on CPU
+    (`benchmarks/bench_backbone.py`) and on tensor cores."""
+    method.eval()
+    return method.to(memory_format=torch.channels_last)
 
 
 def encode_split(
@@ -94,19 +102,27 @@ def encode_split(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> Embeddings:
-    """Encode every image and caption of a cache split with `method` (in eval mode)."""
+    """Encode every image and caption of a cache split with `method` (in eval mode). Under `torchrun`
+    (`ctx`), each rank encodes its share of the batches and every rank returns the whole split."""
     method.eval()
+    ctx = ctx or DistContext(device=torch.device(device))
     cache = load_cache_info(cache)
     images, texts = ImageDataset(cache, split), TextDataset(cache, split)
     if len(images) == 0 or len(texts) == 0:
         raise PedError(f"split '{split}' of {cache.root} has no images or captions", "pick another --split")
 
-    def loader(ds: Dataset) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    def encode(fn: Any, ds: Dataset, desc: str) -> Features:
+        mine = rank_share(ds, batch_size, ctx)
+        loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        show = progress and ctx.is_main
+        feats = encode_batches(fn, loader, device, desc, progress=show) if len(mine) else {}
+        parts = [p for p in ctx.gather(feats) if p]
+        return {k: stack_padded([p[k] for p in parts]) for k in parts[0]}
 
-    image_feats = encode_batches(method.encode_images, loader(images), device, "images", progress=progress)
-    text_feats = encode_batches(method.encode_texts, loader(texts), device, "captions", progress=progress)
+    image_feats = encode(method.encode_images, images, "images")
+    text_feats = encode(method.encode_texts, texts, "captions")
     with cache.read("images") as f:
         paths = f["path"].asstr()[:][images.image_rows].tolist()
     with cache.read("text") as f:
@@ -121,6 +137,16 @@ def encode_split(
         image_path=paths,
         attrs={"method": method.name, "split": split, "cache": str(cache.root.resolve())},
     )
+
+
+def rank_share(ds: Dataset, batch_size: int, ctx: DistContext) -> Dataset:
+    """This rank's contiguous block of whole batches of `ds`: the ranks encode exactly the batches one
+    process would, so the gathered features equal a single process's, row for row and bit for bit."""
+    if not ctx.distributed:
+        return ds
+    batches = -(-len(ds) // batch_size)
+    lo, hi = (batches * r // ctx.world_size for r in (ctx.rank, ctx.rank + 1))
+    return Subset(ds, range(lo * batch_size, min(len(ds), hi * batch_size)))
 
 
 def image_batch(images: Sequence[str | Path | np.ndarray], size: tuple[int, int]) -> Batch:
@@ -198,11 +224,17 @@ def embed(
     dtype: str = "float16",
     workers: int = 0,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> Path:
-    """Encode a cache split and write the embeddings file `out` (see the module docstring)."""
-    emb = encode_split(method, cache, split, batch_size, device, workers, progress)
+    """Encode a cache split and write the embeddings file `out` (see the module docstring); under
+    `torchrun` the ranks share the encoding and rank 0 writes the one file."""
+    ctx = ctx or DistContext(device=torch.device(device))
+    emb = encode_split(method, cache, split, batch_size, device, workers, progress, ctx)
     emb.attrs.update(attrs or {})
-    return write_embeddings(out, emb, dtype)
+    if ctx.is_main:
+        write_embeddings(out, emb, dtype)
+    ctx.barrier()
+    return Path(out)
 
 
 def load_embeddings(path: str | Path) -> tuple[Features, Features, Embeddings]:
@@ -248,12 +280,15 @@ def embed_run(
     workers: int = 0,
     force: bool = False,
 ) -> Path:
-    """`ped embed`: load a trained run and embed a cache split (default: the cache it was trained on).
-    `out` is checked first: writable, and not another kind of file (unless `force`)."""
+    """`ped embed`: load a trained run and embed a cache split (default: the cache it was trained on),
+    shared across processes and machines when launched by `torchrun`. `out` is checked first: writable,
+    and not another kind of file (unless `force`)."""
     check_output(out, "embeddings file", is_embeddings_file, force)
     run_dir, ckpt = resolve_checkpoint(run, checkpoint)
-    dev = resolve_device(device)
+    ctx = setup(device)
+    dev = ctx.device
     method, config = load_run(run, checkpoint, device=dev)
+    for_inference(method)
     attrs = {
         "run": str(run_dir.resolve()),
         "checkpoint": str(ckpt.resolve()),
@@ -261,7 +296,11 @@ def embed_run(
         "config": config,
     }
     source = run_cache(run_dir, config, cache)
-    return embed(method, source, split, out, batch_size, dev, attrs=attrs, dtype=dtype, workers=workers)
+    try:
+        kw = {"attrs": attrs, "dtype": dtype, "workers": workers, "ctx": ctx}
+        return embed(method, source, split, out, batch_size, dev, **kw)
+    finally:
+        teardown(ctx)
 
 
 def run_cache(run_dir: Path, config: dict[str, Any], cache: str | Path | None) -> Cache:

@@ -42,6 +42,8 @@ import numpy as np
 import platformdirs
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from pedcli.engine.embed import embed_images, load_rgb, stack_padded
 from pedcli.errors import PedError
@@ -54,7 +56,9 @@ CATALOG = "catalog.sqlite"
 CATALOG_FORMAT = 2  # PRAGMA user_version; 1 was the JSON store (store.json, files.json)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 LOCK_TIMEOUT_S = 600.0
+DECODE_WORKERS = min(4, max(1, (os.cpu_count() or 1) - 1))  # JPEG decoding beside the encoder
 COMPACT_MIN_DEAD = 1024  # dead rows are rewritten away only past this many (and past the live rows)
+LEGACY_ROOT_FILES = ("files.json", "files.json.lock", "checkpoints.json", "checkpoints.json.lock")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files(kind TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
                                  inode INTEGER, sha TEXT, PRIMARY KEY (kind, path));
@@ -178,10 +182,11 @@ class Catalog:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, CATALOG_FORMAT):
                 raise DamagedStore(f"catalogue format {version}, this pedcli writes {CATALOG_FORMAT}")
-            with self.write():  # IF NOT EXISTS: racing creators agree
-                for statement in SCHEMA.split(";"):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version={CATALOG_FORMAT}")
+            if version == 0:
+                with self.write():  # IF NOT EXISTS: racing creators agree
+                    for statement in SCHEMA.split(";"):
+                        self.db.execute(statement)
+                    self.db.execute(f"PRAGMA user_version={CATALOG_FORMAT}")
         except sqlite3.DatabaseError as e:
             raise damage(self.path, e) from e
 
@@ -295,40 +300,37 @@ class GalleryCache:
         batch_size: int = 32,
         log: Callable[[str], None] = lambda _: None,
         device: str | torch.device = "cpu",
+        workers: int = DECODE_WORKERS,
     ) -> GalleryFeatures:
-        """Hash the gallery files (memo), embed on `device` the contents the store lacks, commit, and map
-        every path to its row. Unreadable files are skipped and listed, never fatal; a damaged cache is
-        rebuilt."""
+        """Hash the gallery files (memo), embed on `device` the contents the store lacks (decoded by
+        `workers` processes when there are many), commit, and map every path to its row. Unreadable files
+        are skipped and listed, never fatal; a damaged cache is rebuilt."""
         encode = encode or partial(_encode_arrays, device=device)
         try:
-            return self._sync(method, encode, batch_size, log)
+            return self._sync(method, encode, batch_size, workers, log)
         except DamagedStore as e:
             log(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
             _wipe(self.root)
             self.dir.mkdir(parents=True, exist_ok=True)
-            return self._sync(method, encode, batch_size, log)
+            return self._sync(method, encode, batch_size, workers, log)
 
     def _sync(
-        self, method: Method, encode: Encoder, batch_size: int, log: Callable[[str], None]
+        self, method: Method, encode: Encoder, batch_size: int, workers: int, log: Callable[[str], None]
     ) -> GalleryFeatures:
-        catalog = _open_catalog(self.root, log)
-        try:
+        with _catalog(self.root, log) as catalog:
             paths, shas, memo, skipped = self._hash_files(catalog)
             store = self._read(catalog)
-            missing = _missing(shas, store)
-            new, failed, unread = self._embed(paths, shas, missing, method, encode, batch_size, log)
-            dead = (set(store.contents) | set(store.failed)) - set(shas)
-            if missing or memo or dead:
+        missing = _missing(shas, store)
+        new, failed, unread = self._embed(paths, shas, missing, method, encode, batch_size, workers, log)
+        dead = (set(store.contents) | set(store.failed)) - set(shas)
+        if missing or memo or dead:
+            with _catalog(self.root, log) as catalog:
                 try:
                     store = self._commit(catalog, set(shas), new, failed, memo)
                 except FileNotFoundError as e:  # a row file vanished under the write lock
                     raise DamagedStore(str(e)) from e
-            embedded = len(new[0]) if new is not None else 0
-            return self._mapped(store, paths, shas, skipped, embedded, unread)
-        except sqlite3.DatabaseError as e:
-            raise damage(catalog.path, e) from e
-        finally:
-            catalog.close()
+        embedded = len(new[0]) if new is not None else 0
+        return self._mapped(store, paths, shas, skipped, embedded, unread)
 
     # ---- hashing and embedding (no lock held) ---------------------------------------------------------
     def _hash_files(
@@ -362,11 +364,13 @@ class GalleryCache:
         method: Method,
         encode: Encoder,
         batch_size: int,
+        workers: int,
         log: Callable[[str], None],
     ) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
-        """Decode and encode the files of the `missing` contents a batch at a time. Contents that do not
-        decode go to `failed` (kept in the store: reported without decoding again); files that vanished or
-        may not be read to `unread` (skipped now, not remembered)."""
+        """Decode (in DataLoader workers when there are a few batches) and encode the files of the
+        `missing` contents a batch at a time. Contents that do not decode go to `failed` (kept in the
+        store: reported without decoding again); files that vanished or may not be read to `unread`
+        (skipped now, not remembered)."""
         if not missing:
             return None, {}, {}
         by_sha = {s: p for p, s in zip(paths, shas, strict=True)}
@@ -376,16 +380,17 @@ class GalleryCache:
         failed: dict[str, str] = {}
         unread: dict[str, str] = {}
         log(f"embedding {len(files)} new image(s)")
-        for s in range(0, len(files), batch_size):
+        procs = workers if len(files) >= 4 * batch_size else 0  # starting workers costs ~1 s
+        loader = DataLoader(_Decoded(files), batch_size=batch_size, num_workers=procs, collate_fn=list)
+        for batch in tqdm(loader, desc="images", unit="batch", disable=len(loader) < 4):
             arrays, ok = [], []
-            for f, sha in zip(files[s : s + batch_size], missing[s : s + batch_size], strict=True):
-                try:
-                    arrays.append(load_rgb(f))
+            for i, rgb, (why, reason) in batch:
+                sha = missing[i]
+                if rgb is not None:
+                    arrays.append(rgb)
                     ok.append(sha)
-                except (FileNotFoundError, PermissionError) as e:
-                    unread[sha] = f"cannot read the file ({e.strerror or e})"
-                except DECODE_ERRORS as e:
-                    failed[sha] = f"not a readable image ({type(e).__name__}: {e})"
+                else:
+                    (unread if why == "unread" else failed)[sha] = reason
             if arrays:
                 for k, v in encode(method, arrays).items():
                     parts.setdefault(k, []).append(v)
@@ -494,8 +499,13 @@ class GalleryCache:
     def _tidy(self, store: _Store) -> None:
         """Remove what no committed state refers to: files of other generations (a finished compaction's
         old ones, a killed one's new ones, derived files made for them) and bytes past the committed rows
-        (a killed writer's append). Call with the write lock held."""
+        (a killed writer's append), and the files of the JSON store this catalogue replaced. Call with
+        the write lock held."""
         self._drop(lambda gen: gen != store.generation)
+        for f in [*self.dir.glob("*.npy"), self.dir / "store.json", self.dir / ".lock"]:
+            f.unlink(missing_ok=True)
+        for name in LEGACY_ROOT_FILES:
+            (self.root / name).unlink(missing_ok=True)
         for k, (dtype, shape) in [*store.keys.items(), *([(None, ("float32", ()))] if store.keys else [])]:
             path = self._file(store.generation, k)
             size = store.rows * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -563,6 +573,38 @@ class GalleryCache:
             embedded,
             store.inv_norms if "global" in store.keys else None,
         )
+
+
+class _Decoded(Dataset):
+    """Files → (index, RGB array or None, (kind, reason) of a failure): decoding runs in the DataLoader's
+    worker processes. `unread` (vanished, no permission) is not remembered; `failed` (not an image) is."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, tuple[str, str]]:
+        try:
+            return i, load_rgb(self.files[i]), ("", "")
+        except (FileNotFoundError, PermissionError) as e:
+            return i, None, ("unread", f"cannot read the file ({e.strerror or e})")
+        except DECODE_ERRORS as e:
+            return i, None, ("failed", f"not a readable image ({type(e).__name__}: {e})")
+
+
+@contextlib.contextmanager
+def _catalog(root: Path, log: Callable[[str], None]) -> Iterator[Catalog]:
+    """The catalogue, open for one step of a sync (closed while embedding: DataLoader workers fork, and a
+    forked SQLite connection must not be used, nor kept across the fork); database damage → DamagedStore."""
+    catalog = _open_catalog(root, log)
+    try:
+        yield catalog
+    except sqlite3.DatabaseError as e:
+        raise damage(catalog.path, e) from e
+    finally:
+        catalog.close()
 
 
 def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

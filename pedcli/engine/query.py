@@ -23,9 +23,10 @@ import torch
 
 from pedcli.data.dataset import TEXT_BATCH_KEYS
 from pedcli.engine.distributed import resolve_device
+from pedcli.engine.embed import for_inference
 from pedcli.engine.explain_view import View, views
 from pedcli.engine.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
-from pedcli.engine.index import cached_faiss, choose_index, flat_search, inverse_norms
+from pedcli.engine.index import choose_index, search_store
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
 from pedcli.engine.scoring import shortlist_scores
 from pedcli.errors import PedError
@@ -104,18 +105,23 @@ def encode_queries(
 def shortlist_rows(
     gallery: GalleryFeatures, query_global: np.ndarray, k: int, index: str
 ) -> list[np.ndarray]:
-    """Per query, up to k store rows of the current gallery, best cosine first."""
+    """Per query, up to k store rows of the current gallery, best cosine first (`search_store`: rows of
+    images no longer in the gallery are masked)."""
     base = gallery.features["global"]
-    in_gallery = np.zeros(base.shape[0], dtype=bool)
-    in_gallery[gallery.rows] = True
-    fetch = min(base.shape[0], k + int((~in_gallery).sum()))  # rows of other gallery states never win
-    tag = f"{gallery.generation}.{base.shape[0]}"
-    if index == "faiss":
-        _, rows = cached_faiss(base, gallery.store_dir / f"faiss.{tag}.ivf.index").search(query_global, fetch)
-    else:
-        inv = gallery.inv_norms if gallery.inv_norms is not None else inverse_norms(base)
-        _, rows = flat_search(base, query_global, fetch, inv)
-    return [r[(r >= 0) & in_gallery[np.maximum(r, 0)]][:k] for r in rows]
+    alive = np.zeros(base.shape[0], dtype=bool)
+    alive[gallery.rows] = True
+    gen = gallery.generation
+    rows = search_store(
+        base,
+        alive,
+        query_global,
+        k,
+        index,
+        gallery.inv_norms,
+        index_prefix=gallery.store_dir / f"{index}.{gen}",
+        owner=gallery.store_dir / f"feat.{gen}.global.bin",
+    )
+    return [r[r >= 0] for r in rows]
 
 
 def rank_query(
@@ -167,6 +173,7 @@ def query_gallery(
     run_dir, ckpt = resolve_checkpoint(run, checkpoint)
     dev = resolve_device(device)
     method, config = load_run(run, checkpoint, device=dev)
+    for_inference(method)
     pipeline = text_pipeline(run_dir, config)
     unknown = pipeline.unknown_words(queries)  # a query of unknown words only is refused here
     root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)

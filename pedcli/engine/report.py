@@ -181,5 +181,15 @@ def write_html(path: str | Path, report: QueryReport) -> Path:
     return Path(path)
 
 
+def is_query_page(path: Path) -> bool:
+    """Whether `path` is a page `write_html` wrote (replacing it needs no --force)."""
+    head = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ped query</title>'
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head.encode()
+    except OSError:
+        return False
+
+
 def dump_json(report: QueryReport) -> str:
     return json.dumps(to_json(report), indent=2, ensure_ascii=False)

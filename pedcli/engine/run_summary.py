@@ -17,7 +17,7 @@ from pedcli.fileio import atomic_path
 PLOT_SIZE = (800, 600)  # pixels of `ped runs show --plot`
 _DPI = 100
 SORT_KEYS = ("newest", "name", "method", "best", "test")
-STATES = ("running", "finished", "interrupted")
+STATES = ("running", "finished", "interrupted", "damaged")
 
 
 @dataclass
@@ -57,8 +57,15 @@ def _test_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def summarize(run_dir: Path) -> RunSummary:
-    """The summary of one run folder, from config.json, metrics.jsonl, eval-test.json and its lock."""
-    config = runs.read_config(run_dir)
+    """The summary of one run folder, from config.json, metrics.jsonl, eval-test.json and its lock.
+    A config.json that cannot be read makes a "damaged" row rather than hiding the other runs."""
+    created = (run_dir / runs.CONFIG).stat().st_mtime
+    try:
+        config = runs.read_config(run_dir)
+    except PedError:
+        return RunSummary(
+            run_dir.name, str(run_dir), "?", "?", 0, 0, None, None, None, None, 0.0, "damaged", created
+        )
     records = runs.read_metrics(run_dir)
     planned = sum(int(s.get("epochs", 0)) for s in config.get("stages", []))
     done = records[-1]["epoch"] if records else 0
@@ -82,7 +89,7 @@ def summarize(run_dir: Path) -> RunSummary:
         test_map=test.get("mAP"),
         wall_s=round(sum(_epoch_seconds(r) for r in records), 1),
         state=state,
-        created=(run_dir / runs.CONFIG).stat().st_mtime,
+        created=created,
     )
 
 

@@ -234,6 +234,7 @@ def _train(
     _seed_everything(config["seed"])
     method = create_method(config["method"], runs.data_info_from_config(config), config["method_config"])
     stages = method.stages(opts)
+    check_every_score_parameter_learns(method, stages, _probe_batch(cache))  # before any file is written
     state = _Progress()
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -265,7 +266,6 @@ def _train(
     trainer = _Trainer(
         method, cache, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, log, progress
     )
-    check_every_score_parameter_learns(method, stages, trainer.probe_batch())
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
@@ -276,6 +276,12 @@ def _train(
         history += trainer.run_stage(index, stage, state, resume_states)
     log(f"done: best {BEST_METRIC} = {state.best['value']} at epoch {state.best.get('epoch')}")
     return TrainResult(run_dir, state.best, history, ctx.is_main)
+
+
+def _probe_batch(cache: Path) -> Batch:
+    """Two training items, unflipped, for the checks before training."""
+    dataset = CaptionDataset(cache, "train")
+    return collate([dataset[i] for i in range(2)])
 
 
 class _Trainer:
@@ -300,12 +306,6 @@ class _Trainer:
         self.dataset = CaptionDataset(cache, "train", flip_prob=self.flip_prob)
         self.sampler: IdentityBalancedSampler  # the current stage's (its batch size)
         self.has_val = len(split_pids(cache, "val")) > 0
-
-    def probe_batch(self) -> Batch:
-        """Two training items (no augmentation), for checks before training."""
-        with torch.random.fork_rng(devices=[]):  # the dataset's flips draw from torch's RNG: leave it
-            batch = collate([self.dataset[i] for i in range(2)])
-        return move_batch(batch, self.ctx.device, self.opts.channels_last)
 
     # ---- one stage --------------------------------------------------------------------------------
     def run_stage(

@@ -133,7 +133,7 @@ def degrade(image: Image.Image, keypoints: list[list[float]], rng: random.Random
         keypoints = _hide(keypoints, box)
     image = _camera(image, rng)
     w, h = image.size
-    f = rng.uniform(0.25, 0.7)  # the person was this many times fewer pixels before upscaling
+    f = rng.uniform(0.25, 0.7)  # linear scale of the original capture, before it was upscaled
     small = image.resize((max(8, round(w * f)), max(16, round(h * f))), Image.BILINEAR)
     image = small.resize((w, h), rng.choice((Image.NEAREST, Image.BILINEAR, Image.BICUBIC)))
     if rng.random() < 0.6:

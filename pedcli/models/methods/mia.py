@@ -1,11 +1,10 @@
-"""MIA — Multi-granularity Image-text Alignments (Niu et al., IEEE TIP 2020).
+"""MIA — Multi-granularity Image-text Alignments.
 
-Read beside the paper (/work/shared/papers/mia-multi-granularity-image-text-alignments.txt):
+Kai Niu, Yan Huang, Wanli Ouyang and Liang Wang, "Improving Description-Based Person Re-Identification
+by Multi-Granularity Image-Text Alignments", IEEE Transactions on Image Processing 29, 2020.
 
 - Image (§III, Fig. 4a): a CNN's last map; global mean pooling + an FC layer give I (GC); a 1×1
   convolution and mean pooling over n = 6 horizontal stripes give the parts P_1..P_n (as PCB [42]).
-  The 1×1 convolution is linear, so it is applied after the stripe pooling (same result, and the frozen
-  trunk cache then holds [C] + [6, C] per image instead of the whole map).
 - Text: word embedding (eq. 1) and one Bi-GRU (eq. 2). The sentence FC gives T (eq. 3); every noun
   phrase runs through the *same* Bi-GRU as a sequence of its own and a second FC gives N_j (eq. 5).
 - GC (eq. 4): s_G = cos(I, T).
@@ -20,27 +19,38 @@ Read beside the paper (/work/shared/papers/mia-multi-granularity-image-text-alig
   hinges (eq. 20, margin 0.2), one per similarity s_G, s_I, s_T, s_P, s_N.
 - Step training (§III-B.2): step 1 identity only, CNN frozen (eq. 21, lr 1e-3, 10 epochs); step 2
   identity + matching of GC and RGA, everything but the BFM MLPs learns (eq. 22, lr 2e-4, 20 epochs);
-  step 3 BFM matching, only the two BFM MLPs learn (eq. 23, lr 2e-4, 5 epochs). The paper's batch
-  size is 96 (`ped train --batch-size 96`).
+  step 3 BFM matching, only the two BFM MLPs learn (eq. 23, lr 2e-4, 5 epochs). The matching
+  positives are by image: "the descriptions annotated for one image [are] negative matchings for
+  other images that belong to the same person ID" (§III-B.1).
 
 Ablation switches (MIAConfig): granularities (Table III upper block and Table IV's "Fine"), which score
 is reported (Table III lower block), `schedule="together"` (Table IV: BFM trained with the rest in step
 2, no step 3), `merge_steps` (Table VI), the objectives of steps 1 and 2 (Table V), λ1/λ2 (Tables
 XI–XII), `units="words"` (Table VII).
 
-Choices the paper leaves open: §IV-B says the MLPs map parts "from the dimension of 256 to P = 1024",
-but eqs. 7–8, 12–14 and 17 take cosines of aggregated *parts* with 1024-d text vectors, so the parts
-themselves must live in that space: the 1×1 convolution maps to `embed_dim` and each MLP is
-embed_dim → mlp_hidden → embed_dim with a ReLU between. Softmaxes take the cosines as they are (no
-temperature, as written). With `units="words"` every word is encoded on its own, like a one-word
-phrase. Without GC (`global_contrast=False`) I and T still exist: the identity objective initialises the
-text path with them, RGA is guided by them and the two-stage shortlist ranks by them.
+Departures from the paper, and choices it leaves open (all of them, here):
+
+- Backbone: MobileNetV2 (ImageNet weights ship offline) instead of VGG-16 / ResNet-50. At 384×128 and
+  the default `last_stride=2` its last map is 12×4 (the paper's VGG-16 map size; its ResNet-50 map is
+  24×8, which `last_stride=1` gives), so each of the 6 stripes averages 2 rows, not 4.
+- The 1×1 convolution's width: §IV-B says the MLPs map parts "from the dimension of 256 to P = 1024",
+  but eqs. 7–8, 12–14 and 17 take cosines of aggregated *parts* with 1024-d text vectors, so the parts
+  must live in that space: the 1×1 convolution maps the C channels to `embed_dim` (1024, not 256) and
+  each MLP is embed_dim → mlp_hidden → embed_dim with a ReLU between.
+- The 1×1 convolution is linear, so it is applied after the stripe pooling (the same result; the
+  frozen-trunk cache then holds [C] + [6, C] per image instead of the whole map).
+- Softmaxes take the cosines as they are (no temperature is given).
+- `units="words"` (Table VII) encodes every word on its own, like a one-word phrase.
+- Without GC (`global_contrast=False`) I and T still exist: the identity objective initialises the text
+  path with them, RGA is guided by them and the two-stage shortlist ranks by them.
+- Without RGA (`relation=False`: the GC + BFM and Fine rows) no step before step 3 reaches the 1×1
+  convolution or the phrase FC, so step 3 trains them with the BFM MLPs (else they would stay random).
 
 Scoring all pairs reduces each attention to dot products (one matrix product of text units with image
 units per kind) and [units × parts]-sized work per pair; aggregated vectors are never formed (their
-norms come from Gram matrices, see `_attended_cosine` in pma.py). What depends on one item alone is
-stored with it (`unit_features`): the parts' and phrases' Gram matrices and the MLP outputs, already
-L2-normalised, so re-scoring a shortlist pair by pair does no per-item work again.
+norms come from Gram matrices, see `attended_cosine` in `pedcli.models.attention`). What depends on one
+item alone is stored with it (`unit_features`): the parts' and phrases' Gram matrices and the MLP
+outputs, already L2-normalised, so re-scoring a shortlist does no per-item work again.
 """
 
 from __future__ import annotations
@@ -54,17 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import (
-    Layout,
-    as_float,
-    attended_cosine,
-    cross_cosine,
-    cross_dots,
-    masked_mean,
-    masked_softmax,
-    per_image,
-    per_text,
-)
+from pedcli.models import attention as att
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
 from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, sum_of_hinges
@@ -322,47 +322,47 @@ class MIA(PairwiseMethod):
         return feats
 
     # ---- the five similarities ----------------------------------------------------------------------
-    def _relation(self, text: Features, image: Features, layout: Layout) -> dict[str, Tensor]:
+    def _relation(self, text: Features, image: Features, layout: att.Layout) -> dict[str, Tensor]:
         """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11)."""
         t_hat = F.normalize(text["global"], dim=-1)[..., None, :]  # [.., 1, d]
         i_hat = F.normalize(image["global"], dim=-1)[..., None, :]
         phrases, mask = text["phrases"], text["phrases_mask"]
-        v = torch.softmax(cross_dots(t_hat, image["rga_parts"], layout), -1)  # eq. 6, [..., 1, n]
-        dots = cross_dots(t_hat, image["parts"], layout)  # P_i · T̂
-        s_i = attended_cosine(v, dots, image["parts_gram"], "image", layout)[..., 0]  # eqs. 7–8
-        rel = cross_dots(text["rga_phrases"], i_hat, layout).transpose(-1, -2)
-        c = masked_softmax(rel, per_text(mask, layout)[..., None, :])  # eq. 9, [..., 1, M]
-        dots = cross_dots(phrases, i_hat, layout).transpose(-1, -2)  # N_j · Î
-        s_t = attended_cosine(c, dots, text["phrases_gram"], "text", layout)[..., 0]  # eqs. 10–11
+        v = torch.softmax(att.cross_dots(t_hat, image["rga_parts"], layout), -1)  # eq. 6, [..., 1, n]
+        dots = att.cross_dots(t_hat, image["parts"], layout)  # P_i · T̂
+        s_i = att.attended_cosine(v, dots, image["parts_gram"], "image", layout)[..., 0]  # eqs. 7–8
+        rel = att.cross_dots(text["rga_phrases"], i_hat, layout).transpose(-1, -2)
+        c = att.masked_softmax(rel, att.per_text(mask, layout)[..., None, :])  # eq. 9, [..., 1, M]
+        dots = att.cross_dots(phrases, i_hat, layout).transpose(-1, -2)  # N_j · Î
+        s_t = att.attended_cosine(c, dots, text["phrases_gram"], "text", layout)[..., 0]  # eqs. 10–11
         return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
 
-    def _fine(self, text: Features, image: Features, layout: Layout) -> dict[str, Tensor]:
+    def _fine(self, text: Features, image: Features, layout: att.Layout) -> dict[str, Tensor]:
         """BFM: s_P with α (eqs. 12–14, phrases attend over parts) and s_N with β (eqs. 15–17, parts
         attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
         parts, phrases = image["parts"], text["phrases"]
         gram_n, gram_p = text["phrases_gram"], image["parts_gram"]
-        cos = cross_dots(text["bfm_phrases"], image["bfm_parts"], layout)  # [..., M, n]
-        raw = cross_dots(phrases, parts, layout)  # N_j · P_k
-        n_norm = per_text(_diag_norms(gram_n), layout)[..., :, None]
-        p_norm = per_image(_diag_norms(gram_p), layout)[..., None, :]
+        cos = att.cross_dots(text["bfm_phrases"], image["bfm_parts"], layout)  # [..., M, n]
+        raw = att.cross_dots(phrases, parts, layout)  # N_j · P_k
+        n_norm = att.per_text(_diag_norms(gram_n), layout)[..., :, None]
+        p_norm = att.per_image(_diag_norms(gram_p), layout)[..., None, :]
         alpha = torch.softmax(cos, dim=-1)  # eq. 13
         # cos(Ĩ_j, N_j) of eq. 12, from N̂_j · P_k
-        per_phrase = attended_cosine(alpha, raw / n_norm, gram_p, "image", layout)
-        m = per_text(text["phrases_mask"], layout)
-        s_p = masked_mean(per_phrase, m)  # eq. 14
-        beta = masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
+        per_phrase = att.attended_cosine(alpha, raw / n_norm, gram_p, "image", layout)
+        m = att.per_text(text["phrases_mask"], layout)
+        s_p = att.masked_mean(per_phrase, m)  # eq. 14
+        beta = att.masked_softmax(cos.transpose(-1, -2), m[..., None, :])  # eq. 16, [..., n, M]
         # cos(T̃_i, P_i) of eq. 15, from N_k · P̂_i
-        per_part = attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n, "text", layout)
+        per_part = att.attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n, "text", layout)
         return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
 
     def components(
-        self, text: Features, image: Features, layout: Layout, which: set[str]
+        self, text: Features, image: Features, layout: att.Layout, which: set[str]
     ) -> dict[str, Tensor]:
         """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), one per pair of the layout,
         plus the attention weights of the modules computed."""
         out: dict[str, Tensor] = {}
         if "s_G" in which:  # eq. 4
-            out["s_G"] = cross_cosine(text["global"], image["global"], layout)
+            out["s_G"] = att.cross_cosine(text["global"], image["global"], layout)
         if which & {"s_I", "s_T"}:
             out |= self._relation(text, image, layout)
         if which & {"s_P", "s_N"}:
@@ -386,7 +386,7 @@ class MIA(PairwiseMethod):
             terms |= {"s_P": cfg.lambda2 / 2, "s_N": cfg.lambda2 / 2}
         return terms
 
-    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
+    def scores(self, text: Features, image: Features, layout: att.Layout) -> Tensor:
         terms = self._score_terms()
         comps = self.components(text, image, layout, set(terms))
         return sum(w * comps[name] for name, w in terms.items())
@@ -421,7 +421,7 @@ class MIA(PairwiseMethod):
         phrases (β, eq. 16), the phrases' RGA weights given the image (c, eq. 9) and the five similarities.
         Only valid phrases are kept."""
         text = index_features(text_feats, slice(0, 1))
-        text = self.trim(as_float(text))
+        text = self.trim(att.as_float(text))
         image = {k: v.float() for k, v in image_feats.items()}
         cfg = self.cfg
         which = {"s_G", *("s_I", "s_T") * cfg.relation, *("s_P", "s_N") * cfg.fine}

@@ -1,6 +1,9 @@
-"""NAFS — Non-local Alignment over Full-Scale representations (Gao et al., 2021).
+"""NAFS — Non-local Alignment over Full-Scale representations.
 
-Read beside the paper (/work/shared/papers/nafs-non-local-alignment-full-scale.txt):
+Chenyang Gao, Guanyu Cai, Xinyang Jiang, Feng Zheng, Jun Zhang, Yifei Gong, Pai Peng, Xiaowei Guo and
+Xing Sun, "Contextual Non-Local Alignment over Full-Scale Representation for Text-Based Person Search",
+arXiv:2101.03036, 2021; the authors' released code (TencentYoutuResearch/PersonReID-NAFS) where the
+paper and the release differ and an option says so.
 
 - Image (§3.1): a staircase backbone. The global branch is the backbone itself, its last stage at
   stride 1 (§4.1); the region branch takes the stage-2 map through "two consecutive res-blocks" and
@@ -26,14 +29,37 @@ Read beside the paper (/work/shared/papers/nafs-non-local-alignment-full-scale.t
 - Losses (eq. 7): λ2·CMPM + λ3·CMPC on the global-branch / sentence features and λ4·CSAL on the
   attention scores, with λ2, λ3, λ4 = 1, 1, 0.1 (§4.1). Re-ranking by visual neighbours (eq. 8) is
   post-processing in `pedcli.engine.rerank.rvn`; `default_rerank` tells `ped eval` to apply it.
+- Table 4 row 1 ("baseline"): `text_encoder=bilstm` (a word embedding and a bi-LSTM on the word
+  tokens: its sentence vector, and its word states as the word scale), with `staircase=false`,
+  `nonlocal_attention=false`, `image_scales=[global]`, `text_scales=[sentence]`.
 
-Where the paper leaves a choice open (documented at each place): the projections into D (one linear
-map per image scale, one for all BERT states), λ1 = λ2 (not given; BFAN's default 20), CSAL's
-probabilities (a softmax of S/τ over the batch, as CMPM's), the test score (mean of S and S'), the
-epochs, and the "concatenation" rows of Table 4 (the scales' features concatenated, one linear map).
+Departures from the paper, and choices it leaves open (all of them, here):
+
+- Attention normalisation (`attention_norm`, default "official"): eqs. 2–3 taken literally ([cos]_+
+  divided by its sum over the other side's units, λ = 20) make image→text attention one-hot and
+  text→image attention uniform with 6 visual and ~60 textual units, so S' would involve no attention.
+  The default follows the release: LeakyReLU(cos, 0.1), divided by its L2 norm over those units, then
+  softmax(λ·). Measured on random unit features (6 × 60 units, D = 768): mean attention entropy
+  image→text 0.20 nats and text→image 1.78 (of log 6 = 1.79) for the paper's form with the focal
+  trick; 1.38 and 0.75 for the release's (tests/test_nafs.py).
+- The focal trick (`focal`) is off by default, as in the release's training scripts; the paper's form
+  is `attention_norm=paper focal=true`.
+- Test score (`test_score`, default "official"): the release ranks by the global branch's cosine plus S
+  (image→text); eq. 5 alone ("paper") drops the global features CMPM and CMPC train; "mean" is
+  (S + S') / 2.
+- Backbone: MobileNetV2 (ImageNet weights ship offline) instead of ResNet-50; the staircase branches
+  are copies of its later stages (see above). The default BERT is the cache's tokenizer's model
+  (a MiniLM unless the cache was built with another).
+- Not given, chosen here: the projections into D (one linear map per image scale, one for all text
+  states), λ1 = λ2 = 20 (BFAN's default), CSAL's probabilities (a softmax of S/τ over the batch, as
+  CMPM's), the epochs, the bi-LSTM's widths, and the "concatenation" rows of Table 4 (the scales'
+  features concatenated, one linear map).
+- Table 2's "Global" row trains with CMPM and CMPC alone; asking for non-local attention over global
+  features only is refused rather than silently changed.
 
 Scoring all pairs needs two [units × units] dot-product matrices per pair (queries·keys and
-values·values); the attended vectors are never formed: their norms come from Gram matrices.
+values·values); the attended vectors are never formed: their norms come from Gram matrices
+(`pedcli.models.attention`, chunking in `pedcli.models.methods.pairwise`).
 """
 
 from __future__ import annotations
@@ -48,18 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import (
-    EPS,
-    Layout,
-    attended_cosine,
-    cross_cosine,
-    cross_dots,
-    masked_mean,
-    masked_pool,
-    masked_softmax,
-    per_image,
-    per_text,
-)
+from pedcli.models import attention as att
 from pedcli.models.backbones import BACKBONES, build_backbone, stripe_pool
 from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import cmpc_loss, cmpm_loss
@@ -73,7 +88,7 @@ from pedcli.models.methods.base import (
     require,
 )
 from pedcli.models.methods.pairwise import PairwiseMethod
-from pedcli.models.text_encoders import BertEncoder
+from pedcli.models.text_encoders import BertEncoder, RNNTextEncoder
 from pedcli.text.bert import resolve_bert_model
 
 IMAGE_SCALES = ("global", "region", "patch")
@@ -81,6 +96,7 @@ TEXT_SCALES = ("sentence", "subsentence", "word")  # paired with IMAGE_SCALES by
 ALIGNMENTS = ("joint", "separate")
 TEST_SCORES = ("paper", "official", "mean")
 ATTENTION_NORMS = ("paper", "official")
+TEXT_ENCODERS = ("bert", "bilstm")
 
 
 @dataclass
@@ -94,6 +110,9 @@ class NAFSConfig:
     bert_layers: int | None = None  # tests: fewer layers
     bert_hidden: int | None = None  # tests: a narrower BERT
     bert_trainable: bool = True
+    text_encoder: str = "bert"  # Table 4 row 1 ("baseline"): "bilstm", a word embedding and a bi-LSTM
+    word_dim: int = 300  # bilstm only: word embedding width
+    lstm_hidden: int = 512  # bilstm only: hidden size per direction
     embed_dim: int = 768  # D of every scale's features (§4.1)
     region_stripes: int = 2  # n1
     patch_stripes: int = 3  # n2
@@ -148,6 +167,16 @@ class NAFSConfig:
              "set split_shuffle=false when staircase=false"),
             (self.test_score in TEST_SCORES, f"unknown NAFS test_score '{self.test_score}'",
              f"choose one of: {', '.join(TEST_SCORES)}"),
+            (self.text_encoder in TEXT_ENCODERS, f"unknown NAFS text_encoder '{self.text_encoder}'",
+             f"choose one of: {', '.join(TEXT_ENCODERS)}"),
+            (self.text_encoder == "bert" or "subsentence" not in self.text_scales,
+             "NAFS sub-sentence features come from the locality-constrained BERT's [CLS] tokens",
+             "with text_encoder=bilstm use text_scales=[sentence] or [sentence, word]"),
+            (not (self.nonlocal_attention and self.image_scales == ("global",)
+                  and self.text_scales == ("sentence",)),
+             "NAFS with only global features has nothing for the non-local attention to align (Table 2 "
+             "\"Global\" trains with CMPM and CMPC alone)",
+             "add nonlocal_attention=false, or more image_scales / text_scales"),
             (self.attention_norm in ATTENTION_NORMS, f"unknown NAFS attention_norm '{self.attention_norm}'",
              f"choose one of: {', '.join(ATTENTION_NORMS)}"),
             (min(self.embed_dim, self.region_stripes, self.patch_stripes, self.rvn_neighbours) > 0
@@ -277,37 +306,39 @@ def attention_logits(cos: Tensor, mask: Tensor, dim: int, norm: str = "official"
     m = mask.to(cos.dtype)
     if norm == "paper":
         s = cos.clamp(min=0) * m  # eq. 2 (and s'_ab, its transpose)
-        return s / s.sum(dim, keepdim=True).clamp(min=EPS)
+        return s / s.sum(dim, keepdim=True).clamp(min=att.EPS)
     s = F.leaky_relu(cos, 0.1) * m
-    return s / s.norm(dim=dim, keepdim=True).clamp(min=EPS)
+    return s / s.norm(dim=dim, keepdim=True).clamp(min=att.EPS)
 
 
 def contextual_attention(
-    cos: Tensor, dots: Tensor, mask: Tensor, text: Features, image: Features, layout: Layout,
-    lam: float, use_focal: bool = False, norm: str = "official",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    cos: Tensor, dots: Tensor, mask: Tensor, text: Features, image: Features, layout: att.Layout,
+    lam: float, use_focal: bool = False, norm: str = "official", text_image: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:  # fmt: skip
     """Both directions for the pairs of `layout`, laid out [..., m, n] (m visual units, n textual units).
 
     cos: cos(i_q, t_k); dots: i_v · t_v; mask: which (a, b) may align (valid text units, and the scale
     pairs under separate alignment); `text` / `image`: the sides' "values_gram" (t_v·t_v, i_v·i_v) and
     "values_norms" (|t_v|, |i_v|); `norm`: see `attention_logits`. Returns (S [...], S' [...],
-    α [..., m, n], α' [..., m, n]).
+    α [..., m, n], α' [..., m, n]); S' and α' are None unless `text_image`.
     """
     m = mask.to(cos.dtype)
     # image → text: ŝ normalised over the visual units, focal and softmax over the textual ones (eq. 3)
     s_hat = attention_logits(cos, mask, -2, norm)
     s_til = focal(s_hat, m, -1) if use_focal else s_hat
-    alpha = masked_softmax(lam * s_til, mask, dim=-1)
-    r = attended_cosine(alpha, dots, text["values_gram"], "text", layout)  # eq. 4, [..., m]
-    r = r / per_image(image["values_norms"], layout).clamp(min=EPS)
-    score = masked_mean(r, mask.any(-1))  # eq. 5
+    alpha = att.masked_softmax(lam * s_til, mask, dim=-1)
+    r = att.attended_cosine(alpha, dots, text["values_gram"], "text", layout)  # eq. 4, [..., m]
+    r = r / att.per_image(image["values_norms"], layout).clamp(min=att.EPS)
+    score = att.masked_mean(r, mask.any(-1))  # eq. 5
+    if not text_image:
+        return score, None, alpha, None
     # text → image: ŝ' normalised over the textual units, focal and softmax over the visual ones
     s_hat2 = attention_logits(cos, mask, -1, norm)
     s_til2 = focal(s_hat2, m, -2) if use_focal else s_hat2
-    alpha2 = masked_softmax(lam * s_til2, mask, dim=-2)
-    r2 = attended_cosine(alpha2, dots, image["values_gram"], "image", layout, dim=-2)  # [..., n]
-    r2 = r2 / per_text(text["values_norms"], layout).clamp(min=EPS)
-    score2 = masked_mean(r2, mask.any(-2))  # S'(T, I)
+    alpha2 = att.masked_softmax(lam * s_til2, mask, dim=-2)
+    r2 = att.attended_cosine(alpha2, dots, image["values_gram"], "image", layout, dim=-2)  # [..., n]
+    r2 = r2 / att.per_text(text["values_norms"], layout).clamp(min=att.EPS)
+    score2 = att.masked_mean(r2, mask.any(-2))  # S'(T, I)
     return score, score2, alpha, alpha2
 
 
@@ -346,9 +377,15 @@ class NAFS(PairwiseMethod):
         self.staircase = Staircase(cfg)
         c = self.staircase.channels
         self.image_fc = nn.ModuleDict({s: nn.Linear(c, d) for s in cfg.image_scales})  # units into R^D
-        self.text = BertEncoder(_bert_folder(cfg, info), cfg.bert_trainable, cfg.bert_random_init,
-                                cfg.bert_layers, cfg.bert_hidden)  # fmt: skip
-        self.text_fc = nn.Linear(self.text.hidden, d)
+        self.text: nn.Module
+        if cfg.text_encoder == "bilstm":  # Table 4 row 1
+            self.text = RNNTextEncoder(info.vocab_size, cfg.word_dim, cfg.lstm_hidden)
+            width = self.text.out_dim
+        else:
+            self.text = BertEncoder(_bert_folder(cfg, info), cfg.bert_trainable, cfg.bert_random_init,
+                                    cfg.bert_layers, cfg.bert_hidden)  # fmt: skip
+            width = self.text.hidden
+        self.text_fc = nn.Linear(width, d)
         self.cmpc_classes = nn.Parameter(torch.randn(info.num_classes, d) * 0.01)  # CMPC's W
         if cfg.nonlocal_attention:  # §3.3: two linear maps per modality
             self.image_query, self.image_value = nn.Linear(d, d), nn.Linear(d, d)
@@ -420,7 +457,15 @@ class NAFS(PairwiseMethod):
     # ---- text path --------------------------------------------------------------------------------
     def text_units(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """All-scale textual features T [B, n, D] and their scale codes [B, n] (1 sentence, 2 sub-sentence,
-        3 word; 0 = padding): the sentence [CLS], the sub-sentence [CLS]s, the word pieces."""
+        3 word; 0 = padding): the sentence [CLS], the sub-sentence [CLS]s, the word pieces. With the
+        bi-LSTM: its sentence vector and word states."""
+        if self.cfg.text_encoder == "bilstm":
+            states, sentence, valid = self.text(batch["tokens"], batch["lengths"])
+            units, codes = [sentence[:, None]], [torch.ones_like(batch["tokens"][:, :1])]
+            if "word" in self.cfg.text_scales:
+                units.append(states)
+                codes.append(valid.long() * 3)
+            return self.text_fc(torch.cat(units, 1)), torch.cat(codes, 1)
         if "bert_ids" not in batch:
             raise PedError(
                 "NAFS needs BERT word pieces but the batch has none (the cache was built without BERT)",
@@ -452,7 +497,7 @@ class NAFS(PairwiseMethod):
         units, codes = self.text_units(batch)
         units = units * (codes > 0)[..., None]
         if not self.cfg.nonlocal_attention:
-            pooled = [masked_pool(units, codes == k + 1) for k, s in enumerate(TEXT_SCALES)
+            pooled = [att.masked_pool(units, codes == k + 1) for k, s in enumerate(TEXT_SCALES)
                       if s in self.cfg.text_scales]  # fmt: skip
             return {"global": self.text_unify(torch.cat(pooled, 1))}
         return {"global": units[:, 0], "keys": self.text_key(units), "values": self.text_value(units),
@@ -470,30 +515,32 @@ class NAFS(PairwiseMethod):
         """Adds the unit-length queries "unit_queries", the values' Gram matrix and norms."""
         return _side(super().image_side(image), "queries")
 
-    def _attention(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, ...]:
-        """(S, S', α, α') of every pair of the layout."""
+    def _attention(
+        self, text: Features, image: Features, layout: att.Layout, text_image: bool = True
+    ) -> tuple[Tensor, ...]:
+        """(S, S', α, α') of every pair of the layout (S' and α' None unless `text_image`)."""
         text, image = self.text_side(text), self.image_side(image)
-        codes = per_text(text["scales"].long(), layout)[..., None, :]  # [.., 1, n]
+        codes = att.per_text(text["scales"].long(), layout)[..., None, :]  # [.., 1, n]
         mask = codes > 0
         if self.cfg.alignment == "separate":
             mask = mask & (codes == self.image_scale_codes[:, None])
         else:
             mask = mask.expand(*mask.shape[:-2], self.n_image_units, -1)
-        cos = cross_dots(text["unit_keys"], image["unit_queries"], layout).transpose(-1, -2)  # [.., m, n]
-        dots = cross_dots(text["values"], image["values"], layout).transpose(-1, -2)
+        cos = att.cross_dots(text["unit_keys"], image["unit_queries"], layout).transpose(-1, -2)  # [.., m, n]
+        dots = att.cross_dots(text["values"], image["values"], layout).transpose(-1, -2)
         return contextual_attention(cos, dots, mask, text, image, layout, self.cfg.lambda_softmax,
-                                    self.cfg.focal, self.cfg.attention_norm)  # fmt: skip
+                                    self.cfg.focal, self.cfg.attention_norm, text_image)  # fmt: skip
 
-    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
+    def scores(self, text: Features, image: Features, layout: att.Layout) -> Tensor:
         if not self.cfg.nonlocal_attention:
-            return cross_cosine(text["global"], image["global"], layout)
+            return att.cross_cosine(text["global"], image["global"], layout)
         if self.cfg.test_score == "mean":
             s, s2 = self._attention(text, image, layout)[:2]
             return (s + s2) / 2
-        s = self._attention(text, image, layout)[0]  # (S' is computed too: its share of the work is small)
+        s = self._attention(text, image, layout, text_image=False)[0]
         if self.cfg.test_score == "paper":
             return s
-        return cross_cosine(text["global"], image["global"], layout) + s
+        return att.cross_cosine(text["global"], image["global"], layout) + s
 
     def pair_width(self, units: int) -> int:
         return self.n_image_units * units if self.cfg.nonlocal_attention else 1

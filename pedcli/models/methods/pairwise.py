@@ -96,20 +96,60 @@ class PairwiseMethod(Method):
     def shortlist_similarity(
         self, text_feats: Features, image_feats: Features, index: Tensor, queries: str = "text"
     ) -> Tensor:
-        """[n_query, K] with the same kernels as `similarity`: each query is read once; the other side
-        is prepared once per item, then each query's K items are gathered in chunks small enough to
-        stay in memory already touched (a fresh large buffer costs a page fault per page)."""
+        """[n_query, K] with the same kernels as `similarity`, without a copy of the larger side per pair.
+
+        The pairs are grouped by their item of the side with more elements per item (a PMA image's 36
+        vectors, a NAFS caption's ~70 keys and values): each group is one row that reads that item once,
+        against the other side's items, which are prepared once and gathered per pair. When the queries
+        are that side, the rows are simply the queries and their K items."""
         n, k = index.shape
-        out = torch.empty(n, k, device=text_feats["global"].device)
-        if queries == "text":
-            image = self.image_side(image_feats)
-            for rows in self._chunks(text_feats, k, image):
-                text = self._ready_text(index_features(text_feats, rows))
-                out[rows] = self.scores(text, gather_rows(image, index[rows]), "images_per_text")
-            return out
-        text = self._ready_text(text_feats)
-        step = self._step(text, k, text)
-        for s in range(0, n, step):
-            image = self.image_side(index_features(image_feats, slice(s, s + step)))
-            out[s : s + step] = self.scores(gather_rows(text, index[s : s + step]), image, "texts_per_image")
+        own_q = torch.arange(n, device=index.device).repeat_interleave(k)
+        t_idx, i_idx = (own_q, index.reshape(-1)) if queries == "text" else (index.reshape(-1), own_q)
+        return self._score_pairs(text_feats, image_feats, t_idx, i_idx, k).view(n, k)
+
+    def _score_pairs(
+        self, text: Features, image: Features, t_idx: Tensor, i_idx: Tensor, width: int
+    ) -> Tensor:
+        """Scores of the pairs (t_idx[p], i_idx[p]) in rows of `width` pairs sharing one item."""
+        gather_text = _item_size(text) < _item_size(image)
+        owners, others = (i_idx, t_idx) if gather_text else (t_idx, i_idx)
+        n_owners = (image if gather_text else text)["global"].shape[0]
+        grid, row_owner, slot, order = _group_rows(owners, others, n_owners, width)
+        gathered = self._ready_text(text) if gather_text else self.image_side(image)
+        scores = torch.empty(grid.shape, device=text["global"].device)
+        step = self._step(gathered if gather_text else text, width, gathered)
+        for rows in torch.arange(len(grid), device=grid.device).split(step):
+            other = gather_rows(gathered, grid[rows])
+            if gather_text:
+                own = self.image_side(index_features(image, row_owner[rows]))
+                scores[rows] = self.scores(other, own, "texts_per_image")
+            else:
+                own = self._ready_text(index_features(text, row_owner[rows]))
+                scores[rows] = self.scores(own, other, "images_per_text")
+        out = torch.empty(len(owners), device=scores.device)
+        out[order] = scores[slot]
         return out
+
+
+def _item_size(feats: Features) -> int:
+    """Elements per item of a feature dict (as stored: padded units count)."""
+    return sum(v[0].numel() for v in feats.values()) if len(feats["global"]) else 0
+
+
+def _group_rows(
+    owners: Tensor, others: Tensor, n_owners: int, width: int
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor]:
+    """Pairs (owners[p], others[p]) grouped by owner into rows of `width` (a group longer than that takes
+    several rows, the last one padded with item 0): (grid [R, width] of `others`, the owner of each row
+    [R], the (row, column) slot of each pair in owner-sorted order, that order)."""
+    order = torch.argsort(owners, stable=True)
+    own, oth = owners[order], others[order]
+    counts = torch.bincount(own, minlength=n_owners)
+    pos = torch.arange(len(own), device=own.device) - (counts.cumsum(0) - counts)[own]
+    rows_per = (counts + width - 1) // width
+    row = (rows_per.cumsum(0) - rows_per)[own] + pos // width
+    col = pos % width
+    grid = torch.zeros(int(rows_per.sum()), width, dtype=torch.long, device=own.device)
+    grid[row, col] = oth
+    row_owner = torch.repeat_interleave(torch.arange(n_owners, device=own.device), rows_per)
+    return grid, row_owner, (row, col), order

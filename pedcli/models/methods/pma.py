@@ -1,6 +1,7 @@
-"""PMA — Pose-guided Multi-granularity Attention network (Jing et al., AAAI 2020).
+"""PMA — Pose-guided Multi-granularity Attention network.
 
-Read beside the paper (/work/shared/papers/pma-pose-guided-multi-granularity-attention.txt):
+Ya Jing, Chenyang Si, Junbo Wang, Wei Wang, Liang Wang and Tieniu Tan, "Pose-Guided Multi-Granularity
+Attention Network for Text-Based Person Search", AAAI Conference on Artificial Intelligence, 2020.
 
 - Image: the 3-channel image and the 14 pose confidence maps concatenated (17 channels, "Con-pose"),
   a CNN whose first convolution is widened with the averaged RGB filters; its last map is pooled into
@@ -20,16 +21,23 @@ Read beside the paper (/work/shared/papers/pma-pose-guided-multi-granularity-att
   part loss classifies each p_k as its part (eqs. 17–18); total eq. 19. Test: S = S_ca + λ3·S_fa.
   Two steps: the pretrained CNN frozen at lr 1e-3, then everything at lr 2e-4 (Adam, margin 0.2).
 
-Where the paper leaves a choice open (documented at each place): the identity features (eq. 14 puts
-the 512-d φ(I)_avg and the b-d ẽ^t through one W_id; we average the *projected* regions so both live
-in R^b), FA's identity features, whether the noun-phrase transform is shared by the parts (one shared
-linear map), the pose CNN's pooling (max-pool after the first three layers, global average before the
-FC), and what the "w/o pose" FA of Table 5 scores (each phrase attends over the regions; the mean of
-the phrases' cosines).
+Departures from the paper, and choices it leaves open (all of them, here; each also at its place):
 
-Stored features are raw (unnormalised) projections; cosines are taken at scoring time. Scoring all
-pairs reduces every attention to dot products: one matrix product of the text units with the image
-units, then per pair only [units × parts]-sized work (see `_fine_pose`).
+- Backbone: MobileNetV2 (ImageNet weights ship offline) instead of VGG-16 / ResNet-50; at 384×128 its
+  12×4 last map gives the 6×4 regions by averaging row pairs.
+- Identity features: eq. 14 puts the 512-d φ(I)_avg and the b-d ẽ^t through one W_id; the *projected*
+  regions are averaged instead, so both live in R^b. FA's identity features (not given): the mean of the
+  attended parts (image) and of the phrases (text).
+- One linear map of the noun phrases shared by the six parts (the paper does not say).
+- The pose CNN's pooling (not given): max-pooling after the first three layers, a global average
+  before the FC.
+- Table 5 "FA w/o pose" (not specified): each phrase attends over the regions by cosine; S_fa is the
+  mean of the phrases' cosines with their attended regions.
+
+Stored image features are L2-normalised where scoring reads only their cosines (see `image_features`).
+Scoring all pairs reduces every attention to dot products: one matrix product of the text units with
+the image units, then per pair only [units × parts]-sized work (see `_fine_pose`); the shared kernels
+are in `pedcli.models.attention`, the chunking in `pedcli.models.methods.pairwise`.
 """
 
 from __future__ import annotations
@@ -42,18 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pedcli.errors import PedError
-from pedcli.models.attention import (
-    EPS,
-    Layout,
-    attended_cosine,
-    cross_cosine,
-    cross_dots,
-    masked_mean,
-    masked_pool,
-    masked_softmax,
-    per_image,
-    per_text,
-)
+from pedcli.models import attention as att
 from pedcli.models.backbones import BACKBONES, build_backbone
 from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
@@ -194,7 +191,7 @@ def attend_by_cosine(queries: Tensor, values: Tensor) -> Tensor:
 def _unit_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [..., b] → (x / ‖x‖, ‖x‖): cosines straight from the unit vectors, dot products from both."""
     norms = x.norm(dim=-1)
-    return x / norms.clamp(min=EPS)[..., None], norms
+    return x / norms.clamp(min=att.EPS)[..., None], norms
 
 
 def _gram(units: Tensor, norms: Tensor) -> Tensor:
@@ -331,7 +328,7 @@ class PMA(PairwiseMethod):
             phrases = self.phrase_fc(units)
             feats["phrases"], feats["phrase_norms"] = _unit_and_norm(phrases)
             feats["phrases_mask"] = units_mask
-            raw["fa_id"] = masked_pool(phrases, units_mask)
+            raw["fa_id"] = att.masked_pool(phrases, units_mask)
         return feats, raw
 
     def encode_texts(self, batch: Batch) -> Features:
@@ -352,42 +349,42 @@ class PMA(PairwiseMethod):
             image["fa_regions_gram"] = _gram(image["fa_regions"], image["fa_region_norms"])
         return image
 
-    def _coarse(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
+    def _coarse(self, text: Features, image: Features, layout: att.Layout) -> tuple[Tensor, Tensor, Tensor]:
         """(S_ca, local similarities s_ij [..., 24], attention weights [..., 24]) — eqs. 7–9."""
         if not self.cfg.coarse:  # Table 3 without CA: cosine of the global features
-            s = cross_cosine(text["global"], image["global"], layout)[..., None]
+            s = att.cross_cosine(text["global"], image["global"], layout)[..., None]
             return s[..., 0], s, torch.ones_like(s)
         t = F.normalize(text["global"], dim=-1)[..., None, :]
-        s = cross_dots(t, image["regions"], layout)[..., 0, :]  # eq. 7
+        s = att.cross_dots(t, image["regions"], layout)[..., 0, :]  # eq. 7
         w = coarse_attention(s, self.cfg.ca_attention, self.cfg.ca_top_m)  # eqs. 8–9
         return (w * s).sum(-1), s, w
 
-    def _fine_pose(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor]:
+    def _fine_pose(self, text: Features, image: Features, layout: att.Layout) -> tuple[Tensor, Tensor]:
         """(S_fa, α [..., 6, P]) — eqs. 10–13, each part p_k attending over the noun phrases.
 
         cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
         the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
         text = self.text_side(text)
         phrases, norms, mask = text["phrases"], text["phrase_norms"], text["phrases_mask"]
-        cos = cross_dots(phrases, image["parts"], layout).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
-        alpha = masked_softmax(cos, per_text(mask, layout)[..., None, :])  # eq. 11
-        dots = cross_dots(phrases, image["fa_parts"], layout).transpose(-1, -2)
-        dots = dots * per_text(norms, layout)[..., None, :]  # ẽ_i · φ̂_k
-        s = attended_cosine(alpha, dots, text["phrases_gram"], "text", layout)  # eq. 12
+        cos = att.cross_dots(phrases, image["parts"], layout).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
+        alpha = att.masked_softmax(cos, att.per_text(mask, layout)[..., None, :])  # eq. 11
+        dots = att.cross_dots(phrases, image["fa_parts"], layout).transpose(-1, -2)
+        dots = dots * att.per_text(norms, layout)[..., None, :]  # ẽ_i · φ̂_k
+        s = att.attended_cosine(alpha, dots, text["phrases_gram"], "text", layout)  # eq. 12
         return s.sum(-1), alpha  # eq. 13
 
-    def _fine_no_pose(self, text: Features, image: Features, layout: Layout) -> tuple[Tensor, Tensor]:
+    def _fine_no_pose(self, text: Features, image: Features, layout: att.Layout) -> tuple[Tensor, Tensor]:
         """(S_fa, β [..., P, 24]) — Table 5 "FA w/o pose": each phrase attends over the regions by
         cosine (eq. 11 with the phrase in the part's place); S_fa is the mean of the phrases' cosines
         with their attended regions (a caption's phrase count must not scale its score)."""
         image = self.image_side(image)
-        cos = cross_dots(text["phrases"], image["fa_regions"], layout)  # [..., P, 24]
+        cos = att.cross_dots(text["phrases"], image["fa_regions"], layout)  # [..., P, 24]
         beta = torch.softmax(cos, dim=-1)
-        dots = cos * per_image(image["fa_region_norms"], layout)[..., None, :]  # ê_i · r̃_j
-        s = attended_cosine(beta, dots, image["fa_regions_gram"], "image", layout)  # [..., P]
-        return masked_mean(s, per_text(text["phrases_mask"], layout)), beta
+        dots = cos * att.per_image(image["fa_region_norms"], layout)[..., None, :]  # ê_i · r̃_j
+        s = att.attended_cosine(beta, dots, image["fa_regions_gram"], "image", layout)  # [..., P]
+        return att.masked_mean(s, att.per_text(text["phrases_mask"], layout)), beta
 
-    def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
+    def scores(self, text: Features, image: Features, layout: att.Layout) -> Tensor:
         """S = S_ca + λ3·S_fa (§Learning PMA, test-time score)."""
         score = self._coarse(text, image, layout)[0]
         if self.cfg.fine:
