@@ -34,7 +34,15 @@ def build(root: Path) -> tuple[Path, Path]:
     opts = PreprocessOptions(image_size=(128, 64), pose_source="annotations", workers=1)
     run_preprocess("synth", root / "synth", root / "cache", opts)
     small = {"embed_dim": 64, "hidden": 64, "word_dim": 64, "frozen_epochs": 1, "full_epochs": 0}
-    train("baseline", root / "cache", root / "run", method_options=small, seed=0, progress=False)
+    train(
+        "baseline",
+        root / "cache",
+        root / "run",
+        method_options=small,
+        options={"batch_size": 16},
+        seed=0,
+        progress=False,
+    )
     return root / "run", root / "synth" / "imgs"
 
 

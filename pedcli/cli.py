@@ -154,11 +154,12 @@ def preprocess(
     ),
 ) -> None:
     """Build the HDF5 caches (images, tokens, noun phrases, BERT pieces, pose maps); resumable."""
+    from pedcli.cli_views import print_cache_summary
     from pedcli.engine.preprocess import PreprocessOptions, check_cache, parse_size, run_preprocess
     from pedcli.engine.project import default_cache_dir, pick_dataset
 
     if check is not None:
-        check_cache(check, console=console)
+        print_cache_summary(check_cache(check), console)
         return
     found, why = pick_dataset(root, dataset, annotations)
     out = out if out is not None else default_cache_dir(found)
@@ -212,7 +213,7 @@ def train(
 
     Several processes: torchrun --standalone --nproc_per_node 2 $(which ped) -- train ... --run R
     """
-    from pedcli.engine.options import parse_assignments, read_options_file
+    from pedcli.cli_options import parse_assignments, read_options_file
     from pedcli.engine.project import new_run_dir, pick_cache, pick_run
     from pedcli.engine.runs import read_config
     from pedcli.engine.train import TrainOptions
@@ -260,7 +261,7 @@ def methods(name: str | None = typer.Argument(None, help="Show only this method.
     """List the registered methods with their options (set them with `ped train --set KEY=VALUE`)."""
     from rich.table import Table
 
-    from pedcli.engine.options import describe_options
+    from pedcli.cli_options import describe_options
     from pedcli.engine.train import TrainOptions
     from pedcli.models.methods import list_methods, method_class
 
@@ -327,7 +328,8 @@ def evaluate_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an --out file that pedcli did not write."),
 ) -> None:
     """R@1/5/10, mAP and mINP, text→image and image→text (two-stage and re-ranking optional)."""
-    from pedcli.engine.evaluate import check_metrics_out, evaluate_run, print_metrics, write_metrics
+    from pedcli.cli_views import metrics_table
+    from pedcli.engine.evaluate import check_metrics_out, evaluate_run, write_metrics
     from pedcli.engine.runs import record_eval
 
     if out is not None:
@@ -344,7 +346,7 @@ def evaluate_cmd(
         device=device,
         batch_size=batch_size,
     )
-    print_metrics(result, Console())
+    Console().print(metrics_table(result))
     if out is not None:
         console.print(f"wrote {write_metrics(out, result)}", markup=False)
     try:
@@ -509,7 +511,7 @@ def runs_show(
     ),
 ) -> None:
     """A run's resolved config and its per-epoch table."""
-    from pedcli.engine.options import options_toml
+    from pedcli.cli_options import options_toml
     from pedcli.engine.run_summary import EPOCH_COLUMNS, epoch_rows, find_run, flat_config, plot_run
     from pedcli.engine.runs import read_config
     from pedcli.fileio import write_text_atomic

@@ -54,6 +54,30 @@ def sync_then_die(gallery: str, root: str, where: str) -> None:
     GalleryCache(Path(gallery), Path(root), "model").sync(None, encode, 2)  # type: ignore[arg-type]
 
 
+def sync_rank(rank: int, world: int, port: int, gallery: str, root: str) -> None:
+    """One `torchrun` rank (gloo, CPU) syncing the gallery; writes ROOT.rank<rank>.json with the images
+    this rank encoded and the (file, stored colour) it answers with."""
+    import json
+    import os
+
+    from pedcli.engine.distributed import setup, teardown
+
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ctx = setup("cpu")
+    encoded = []
+
+    def encode(method: object, arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        encoded.append(len(arrays))
+        return mean_colour(method, arrays)
+
+    feats = GalleryCache(Path(gallery), Path(root), "model").sync(None, encode, 2, workers=0, ctx=ctx)  # type: ignore[arg-type]
+    teardown(ctx)
+    glob = feats.gather(feats.rows)["global"][:, 0].tolist()
+    answer = {"encoded": sum(encoded), "colours": {p.name: round(g, 1) for p, g in zip(feats.paths, glob)}}
+    Path(f"{root}.rank{rank}.json").write_text(json.dumps(answer))
+
+
 if __name__ == "__main__":
     import sys
 

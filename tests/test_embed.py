@@ -15,10 +15,11 @@ from toy_method import ToyMethod
 from typer.testing import CliRunner
 
 from pedcli.cli import app
+from pedcli.cli_views import metrics_table
 from pedcli.data.cache import load_cache_info, part_path
 from pedcli.data.dataset import ImageDataset, TextDataset, collate, data_info
 from pedcli.engine.embed import embed, embed_images, load_embeddings
-from pedcli.engine.evaluate import evaluate, metrics_table
+from pedcli.engine.evaluate import evaluate
 from pedcli.errors import PedError
 
 

@@ -242,3 +242,17 @@ def test_explain_shows_the_kept_regions_and_the_phrase_weights(model) -> None:
 def test_tau_is_one_over_the_number_of_regions() -> None:
     s = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]])  # q = 3/6, 1/6, 1/6, 1/6 against τ = 1/4
     assert pma.coarse_attention(s, "hard").tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_a_shortlist_grouped_by_image_matches_exact_scores(model) -> None:
+    """PMA's images hold more elements than its captions, so a text shortlist is scored in rows of one
+    image and the captions that shortlisted it; an image shortlisted by more captions than a row holds
+    takes several rows (here every caption shortlists images 0 and 1)."""
+    text, image = features(model)
+    with torch.no_grad():
+        sim = model.similarity(text, image)
+        index = torch.tensor([[0, 1, 0], [1, 0, 4], [0, 1, 5], [1, 0, 2], [0, 1, 3], [1, 0, 0]])
+        got = model.shortlist_similarity(text, image, index)
+        assert torch.allclose(got, sim.gather(1, index), atol=1e-5)
+        got = model.shortlist_similarity(text, image, index, queries="image")
+        assert torch.allclose(got, sim.T.gather(1, index), atol=1e-5)

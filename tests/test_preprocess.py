@@ -144,8 +144,10 @@ def test_check_command_summarises_and_detects_tampering(cache: Path, tmp_path: P
     res = runner.invoke(app, ["preprocess", "--check", str(cache)])
     assert res.exit_code == 0, res.output
     assert "cache OK" in res.output and "vocabulary" in res.output
-    summary = pp.check_cache(cache)
+    summary = pp.check_cache(cache)  # the data the command shows; the library draws no table
     assert sum(summary["images"].values()) > 0 and summary["phrases_per_caption"] > 1
+    counts = json.loads((cache / META).read_text())["counts"]
+    assert summary["identities"] == counts["identities"] and summary["images"] == counts["images"]
     copy = tmp_path / "tampered"
     copy.mkdir()
     for p in cache.iterdir():

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pedcli.cli import app
+from pedcli.cli_options import parse_assignments, read_options_file
 from pedcli.engine import runs
-from pedcli.engine.options import parse_assignments, read_options_file
 from pedcli.engine.run_summary import PLOT_SIZE, summarize
 from pedcli.engine.train import TrainOptions, TrainResult
 from pedcli.errors import PedError

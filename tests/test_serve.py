@@ -99,6 +99,7 @@ def test_bad_parameters_are_clear_errors(service) -> None:
             ({"q": QUERY, "top": 0}, "top must be between"),
             ({"q": QUERY, "min_score": "high"}, "min_score must be a number"),
             ({"q": "   "}, "no query"),
+            ({"q": "qqqq zzzz"}, "vocabulary"),
         ]:
             r = c.get("/api/search", params=params)
             assert r.status_code == 400 and message in r.json()["error"], (params, r.text)
@@ -153,6 +154,15 @@ def test_the_page_waits_for_the_first_sync(trained_run, gallery) -> None:
         "error": "",
         "synced": True,
     }
+
+
+def test_an_empty_gallery_answers_with_nothing(trained_run, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    svc = SearchService(trained_run, tmp_path / "empty")
+    svc.sync()
+    with client(svc) as c:
+        r = c.get("/api/search", params={"q": QUERY})
+    assert r.status_code == 200 and r.json()["gallery_size"] == 0 and r.json()["queries"][0]["results"] == []
 
 
 # ---- safety -------------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from conftest import TINY_BASELINE, tiny_train
 from typer.testing import CliRunner
 
 from pedcli.cli import app
+from pedcli.cli_options import parse_assignments
+from pedcli.data import cache as cache_mod
 from pedcli.data.dataset import CaptionDataset, collate, data_info
 from pedcli.engine import train as train_mod
 from pedcli.engine.batching import LoaderOptions
 from pedcli.engine.distributed import DistContext
-from pedcli.engine.options import parse_assignments
 from pedcli.engine.runs import checkpoint_path, load_checkpoint, load_run
 from pedcli.engine.stages import set_trainable, train_mode
 from pedcli.engine.train import TrainOptions, train
@@ -277,3 +278,18 @@ def test_cli_trains_lists_and_refuses_overwrite(tiny_cache: Path, tmp_path: Path
     assert again.exit_code == 2 and "already exists" in " ".join(again.output.split())  # rich wraps lines
     listing = runner.invoke(app, ["methods", "baseline"])
     assert listing.exit_code == 0 and "frozen_lr" in listing.output and "accum_steps" in listing.output
+
+
+def test_a_training_opens_its_cache_once(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is opened once and passed along (config, probe, datasets, validation, trunk cache), not
+    reopened by every step that reads it."""
+    reads: list[Path] = []
+    read_meta = cache_mod._read_meta
+    monkeypatch.setattr(cache_mod, "_read_meta", lambda root: reads.append(root) or read_meta(root))
+    run = tmp_path / "run"
+    tiny_train(tiny_cache, run, epochs=1)
+    assert reads == [tiny_cache]
+    train(None, None, run, resume=True, progress=False)  # finished: nothing left to train
+    assert reads == [tiny_cache, tiny_cache.resolve()]

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from pedcli.engine.distributed import resolve_device
 from pedcli.engine.embed import encode_split, load_embeddings, run_cache
@@ -102,28 +100,6 @@ def evaluate(
         result["difference"] = {d: _difference(two_stage[d], result["exact"][d]) for d in ("t2i", "i2t")}
     result["seconds"] = seconds
     return result
-
-
-def metrics_table(result: Metrics, ks: Sequence[int] = DEFAULT_KS) -> Table:
-    """One row per reported ranking: final t2i / i2t, then (when present) before re-ranking, exact, Δ."""
-    cols = [f"R@{k}" for k in ks] + ["mAP", "mINP"]
-    table = Table(title=f"retrieval ({result['scoring']})")
-    table.add_column("task")
-    for c in cols:
-        table.add_column(c, justify="right")
-    rows: list[tuple[str, Metrics, str]] = [("t2i", result["t2i"], ""), ("i2t", result["i2t"], "")]
-    if "t2i_before_rerank" in result:
-        rows.insert(1, ("t2i before re-ranking", result["t2i_before_rerank"], ""))
-    if "exact" in result:
-        rows += [(f"{d} exact", result["exact"][d], "") for d in ("t2i", "i2t")]
-        rows += [(f"{d} two-stage − exact", result["difference"][d], "+") for d in ("t2i", "i2t")]
-    for name, m, sign in rows:
-        table.add_row(name, *(f"{m[c]:{sign}.2f}" for c in cols))
-    return table
-
-
-def print_metrics(result: Metrics, console: Console | None = None) -> None:
-    (console or Console()).print(metrics_table(result))
 
 
 def write_metrics(path: str | Path, result: Metrics) -> Path:

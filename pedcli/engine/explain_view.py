@@ -27,7 +27,7 @@ class View:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the `ped serve` API)."""
         return {
-            "grid": None if self.grid is None else np.round(self.grid, 4).tolist(),
+            "grid": None if self.grid is None else np.round(self.grid.astype(np.float64), 4).tolist(),
             "selected": None if self.selected is None else self.selected.astype(bool).tolist(),
             "label": self.label,
             "phrases": [{"phrase": p, "part": part, "weight": round(w, 4)} for p, part, w in self.phrases],

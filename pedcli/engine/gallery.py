@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import sqlite3
@@ -45,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pedcli.engine.distributed import DistContext
 from pedcli.engine.embed import embed_images, load_rgb, stack_padded
 from pedcli.errors import PedError
 from pedcli.fileio import sha256_bytes, sha256_file
@@ -301,34 +303,51 @@ class GalleryCache:
         log: Callable[[str], None] = lambda _: None,
         device: str | torch.device = "cpu",
         workers: int = DECODE_WORKERS,
+        ctx: DistContext | None = None,
     ) -> GalleryFeatures:
         """Hash the gallery files (memo), embed on `device` the contents the store lacks (decoded by
-        `workers` processes when there are many), commit, and map every path to its row. Unreadable files
-        are skipped and listed, never fatal; a damaged cache is rebuilt."""
+        `workers` processes when there are many; under `torchrun` (`ctx`) each rank embeds its share and
+        rank 0 commits), and map every path to its row. Unreadable files are skipped and listed, never
+        fatal; a damaged cache is rebuilt."""
         encode = encode or partial(_encode_arrays, device=device)
+        ctx = ctx or DistContext()
         try:
-            return self._sync(method, encode, batch_size, workers, log)
+            return self._sync(method, encode, batch_size, workers, log, ctx)
         except DamagedStore as e:
             log(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
             _wipe(self.root)
             self.dir.mkdir(parents=True, exist_ok=True)
-            return self._sync(method, encode, batch_size, workers, log)
+            return self._sync(method, encode, batch_size, workers, log, ctx)
 
     def _sync(
-        self, method: Method, encode: Encoder, batch_size: int, workers: int, log: Callable[[str], None]
+        self,
+        method: Method,
+        encode: Encoder,
+        batch_size: int,
+        workers: int,
+        log: Callable[[str], None],
+        ctx: DistContext,
     ) -> GalleryFeatures:
         with _catalog(self.root, log) as catalog:
             paths, shas, memo, skipped = self._hash_files(catalog)
             store = self._read(catalog)
-        missing = _missing(shas, store)
-        new, failed, unread = self._embed(paths, shas, missing, method, encode, batch_size, workers, log)
+        missing = ctx.broadcast(_missing(shas, store))  # rank 0's view: every rank splits the same list
+        mine = _rank_share(missing, batch_size, ctx)
+        new, failed, unread = self._embed(paths, shas, mine, method, encode, batch_size, workers, log)
+        if ctx.distributed:
+            new, failed, unread = _joined(ctx.gather((new, failed, unread)))
         dead = (set(store.contents) | set(store.failed)) - set(shas)
-        if missing or memo or dead:
+        if (missing or memo or dead) and ctx.is_main:
             with _catalog(self.root, log) as catalog:
                 try:
                     store = self._commit(catalog, set(shas), new, failed, memo)
                 except FileNotFoundError as e:  # a row file vanished under the write lock
                     raise DamagedStore(str(e)) from e
+        if ctx.distributed:
+            ctx.barrier()  # rank 0 has committed
+            if not ctx.is_main:
+                with _catalog(self.root, log) as catalog:
+                    store = self._read(catalog)
         embedded = len(new[0]) if new is not None else 0
         return self._mapped(store, paths, shas, skipped, embedded, unread)
 
@@ -380,7 +399,9 @@ class GalleryCache:
         failed: dict[str, str] = {}
         unread: dict[str, str] = {}
         log(f"embedding {len(files)} new image(s)")
-        procs = workers if len(files) >= 4 * batch_size else 0  # starting workers costs ~1 s
+        # starting workers costs ~1 s; a daemon process (a pool's worker) may not start any
+        many = len(files) >= 4 * batch_size and not multiprocessing.current_process().daemon
+        procs = workers if many else 0
         loader = DataLoader(_Decoded(files), batch_size=batch_size, num_workers=procs, collate_fn=list)
         for batch in tqdm(loader, desc="images", unit="batch", disable=len(loader) < 4):
             arrays, ok = [], []
@@ -605,6 +626,29 @@ def _catalog(root: Path, log: Callable[[str], None]) -> Iterator[Catalog]:
         raise damage(catalog.path, e) from e
     finally:
         catalog.close()
+
+
+def _rank_share(missing: list[str], batch_size: int, ctx: DistContext) -> list[str]:
+    """This rank's contiguous block of whole batches of `missing` (all of it for one process)."""
+    batches = -(-len(missing) // batch_size)
+    lo, hi = (batches * r // ctx.world_size * batch_size for r in (ctx.rank, ctx.rank + 1))
+    return missing[lo:hi]
+
+
+def _joined(
+    parts: list[tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]],
+) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
+    """The ranks' `_embed` results as one, in rank order."""
+    done = [p[0] for p in parts if p[0] is not None]
+    new = None
+    if done:
+        new = (
+            [s for d in done for s in d[0]],
+            {k: stack_padded([d[1][k] for d in done]) for k in done[0][1]},
+        )
+    failed = {k: v for p in parts for k, v in p[1].items()}
+    unread = {k: v for p in parts for k, v in p[2].items()}
+    return new, failed, unread
 
 
 def _open_rows(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -25,9 +26,7 @@ import h5py
 import numpy as np
 from PIL import Image
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from pedcli import __version__
 from pedcli.data.cache import CACHE_FORMAT, META, REBUILD, Cache, load_cache_info, part_digest, part_path
@@ -43,10 +42,12 @@ from pedcli.fileio import (
     sha256_file,
     write_json_atomic,
 )
+from pedcli.logs import log_to
 from pedcli.text import TextOptions, TextPipeline, Vocab, vocab_from_records
 from pedcli.text.pipeline import TEXT_ARRAYS
 from pedcli.text.tokenize import tokenize_words
 
+log = logging.getLogger(__name__)
 POSE_SOURCES = ("blazepose", "annotations", "none")
 HOW_WE_RAN = ("workers", "on_error", "allow_outside_root")  # options that do not change what is built
 
@@ -277,9 +278,20 @@ def run_preprocess(
     annotations: Path | None = None,
     console: Console | None = None,
 ) -> Cache:
-    """Build (or finish building, or repair) the cache for `dataset` under `out`; returns it opened."""
-    root, out = Path(root), Path(out)
-    say = console.print if console else (lambda *a, **k: None)
+    """Build (or finish building, or repair) the cache for `dataset` under `out`; returns it opened.
+    `console`: where progress bars and messages go (none without it)."""
+    with log_to(console=console):
+        return _build_cache(dataset, Path(root), Path(out), opts, annotations, console)
+
+
+def _build_cache(
+    dataset: str,
+    root: Path,
+    out: Path,
+    opts: PreprocessOptions,
+    annotations: Path | None,
+    console: Console | None,
+) -> Cache:
     check_writable(out, folder=True)
     ann = annotation_path(dataset, root, annotations)
     topts = TextOptions(phrase_backend=opts.np_backend, bert_model=opts.bert_model, min_count=opts.min_count)
@@ -292,8 +304,7 @@ def run_preprocess(
         allow_outside_root=opts.allow_outside_root,
     )
     if report.problems or report.notes:
-        shown = escape(f"{report.summary()}\n  (all listed in {out / 'validation.json'})")
-        say(f"[yellow]{shown}[/]", highlight=False)
+        log.warning(f"{report.summary()}\n  (all listed in {out / 'validation.json'})")
     if not records:
         raise PedError(f"no usable records in {ann}", "check the annotation file and image folder")
     source = {"annotations": str(ann.resolve()), "annotations_sha256": sha256_file(ann),
@@ -307,7 +318,7 @@ def run_preprocess(
     build_key = sha256_bytes(json.dumps({"source": source, "options": options}, sort_keys=True).encode())
 
     if (out / META).is_file():
-        done = _finished_cache(out, build_key, say)
+        done = _finished_cache(out, build_key)
         if done is not None:
             return done
     out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +330,7 @@ def run_preprocess(
     _check_text_models(topts)
     pipeline = TextPipeline(vocab, topts)
     n_captions = sum(len(r.captions) for r in records)
-    say(f"{len(records)} images, {n_captions} captions, vocabulary {len(vocab)} words")
+    log.info(f"{len(records)} images, {n_captions} captions, vocabulary {len(vocab)} words")
 
     shards = [records[i : i + opts.shard_size] for i in range(0, len(records), opts.shard_size)]
     parts = [
@@ -358,11 +369,11 @@ def run_preprocess(
     write_json_atomic(out / META, meta)
     shutil.rmtree(out / ".work", ignore_errors=True)
     written = ", ".join(f"{s} {counts['images'][s]} images" for s in SPLITS)
-    say(f"[green]wrote cache {escape(str(out))}[/]: {written}", highlight=False)
+    log.info(f"wrote cache {out}: {written}", extra={"style": "green"})
     return load_cache_info(out)
 
 
-def _finished_cache(out: Path, build_key: str, say: Callable[..., None]) -> Cache | None:
+def _finished_cache(out: Path, build_key: str) -> Cache | None:
     """The cache at `out` when it was built from the same data and options and every part matches its
     digest; None when it must be built again (its meta.json is damaged, or a part is missing or
     damaged: meta.json is then removed, so the rebuild rewrites the parts). Other data: refused."""
@@ -370,7 +381,7 @@ def _finished_cache(out: Path, build_key: str, say: Callable[..., None]) -> Cach
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        say(f"[yellow]{escape(str(meta_path))} is damaged: building the cache again[/]", highlight=False)
+        log.warning(f"{meta_path} is damaged: building the cache again")
         meta_path.unlink()
         return None
     if not isinstance(meta, dict) or meta.get("build_key") != build_key:
@@ -380,11 +391,11 @@ def _finished_cache(out: Path, build_key: str, say: Callable[..., None]) -> Cach
         )
     bad = Cache(out, meta).damaged_parts()
     if bad:
-        shown = escape(", ".join(str(part_path(out, b)) for b in bad))
-        say(f"[yellow]{shown}: missing or damaged, building the cache again[/]", highlight=False)
+        shown = ", ".join(str(part_path(out, b)) for b in bad)
+        log.warning(f"{shown}: missing or damaged, building the cache again")
         meta_path.unlink()
         return None
-    say(f"cache {escape(str(out))} is up to date", highlight=False)
+    log.info(f"cache {out} is up to date")
     return load_cache_info(out)
 
 
@@ -452,8 +463,9 @@ def _counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
     }
 
 
-def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
-    """Validate a cache against its meta record and summarise it; PedError on any inconsistency."""
+def check_cache(cache: str | Path | Cache) -> dict[str, Any]:
+    """Validate a cache against its meta record and summarise it (the data `ped preprocess --check`
+    shows); PedError on any inconsistency."""
     info = load_cache_info(cache)
     meta = info.meta
     bad = info.damaged_parts()
@@ -475,8 +487,12 @@ def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
         if idx.min() < 0 or idx.max() >= n_img:
             raise PedError(f"{cache}: caption→image index out of range", "rebuild the cache")
     summary: dict[str, Any] = {
+        "cache": str(info.root),
+        "dataset": meta["dataset"],
+        "image_size": list(info.image_size),
         "images": {s: int((split == c).sum()) for s, c in SPLIT_CODE.items()},
         "captions": {s: int(np.isin(idx, np.flatnonzero(split == c)).sum()) for s, c in SPLIT_CODE.items()},
+        "identities": {s: len(info.split_pids(s)) for s in SPLITS},
         "vocab_size": int(vocab_size),
         "phrases_per_caption": float(n_phr.mean()),
         "pose": "none",
@@ -485,19 +501,4 @@ def check_cache(cache: Path, console: Console | None = None) -> dict[str, Any]:
         with info.read("pose") as f:
             peak = np.asarray([float(m.max()) for m in f["maps"]])
             summary["pose"] = f"{f.attrs['source']}: {np.mean(peak > 0.3):.1%} of images with a confident map"
-    if console is not None:
-        table = Table(title=escape(f"cache {cache} ({meta['dataset']})"))
-        table.add_column("split")
-        table.add_column("images", justify="right")
-        table.add_column("captions", justify="right")
-        table.add_column("identities", justify="right")
-        for s in SPLITS:
-            table.add_row(s, str(summary["images"][s]), str(summary["captions"][s]),
-                          str(meta["counts"]["identities"][s]))  # fmt: skip
-        console.print(table)
-        console.print(
-            f"vocabulary {summary['vocab_size']} words · {summary['phrases_per_caption']:.2f} noun phrases "
-            f"per caption · pose {summary['pose']} · image size {info.image_size[0]}×{info.image_size[1]}"
-        )
-        console.print("[green]cache OK[/]")
     return summary

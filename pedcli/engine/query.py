@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pedcli.data.dataset import TEXT_BATCH_KEYS
-from pedcli.engine.distributed import resolve_device
+from pedcli.engine.distributed import DistContext, setup, teardown
 from pedcli.engine.embed import for_inference
 from pedcli.engine.explain_view import View, views
 from pedcli.engine.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
@@ -171,13 +171,17 @@ def query_gallery(
     if not gallery.is_dir():
         raise PedError(f"gallery folder {gallery} does not exist", "pass --gallery DIR with your images")
     run_dir, ckpt = resolve_checkpoint(run, checkpoint)
-    dev = resolve_device(device)
+    ctx = setup(device)  # under torchrun, the ranks share the embedding of new gallery images
+    dev = ctx.device
     method, config = load_run(run, checkpoint, device=dev)
     for_inference(method)
     pipeline = text_pipeline(run_dir, config)
     unknown = pipeline.unknown_words(queries)  # a query of unknown words only is refused here
     root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)
-    feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log, dev)
+    try:
+        feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log, ctx)
+    finally:
+        teardown(ctx)
     kind = choose_index(index, len(feats.rows))
     text, phrases = encode_queries(method, pipeline, queries, dev)
     shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
@@ -219,12 +223,13 @@ def gallery_features(
     root: Path,
     batch_size: int,
     log: Callable[[str], None],
-    device: torch.device,
+    ctx: DistContext,
 ) -> GalleryFeatures:
     """The gallery's features under `root`, in the folder of this model (checkpoint content + config),
-    new images embedded on `device`."""
+    new images embedded on `ctx.device` (shared by the ranks under torchrun)."""
     key = model_key(checkpoint_sha(root, checkpoint), config)
-    return GalleryCache(gallery, root, key).sync(method, batch_size=batch_size, log=log, device=device)
+    cache = GalleryCache(gallery, root, key)
+    return cache.sync(method, batch_size=batch_size, log=log, device=ctx.device, ctx=ctx)
 
 
 def read_queries(path: str | Path) -> list[str]:

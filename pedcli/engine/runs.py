@@ -30,8 +30,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from pedcli import __version__
-from pedcli.data.cache import META, load_cache_info
-from pedcli.data.dataset import data_info
+from pedcli.data.cache import META, Cache
 from pedcli.errors import PedError, refuse
 from pedcli.fileio import sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pedcli.models.methods.base import DataInfo, Method, create_method, method_class
@@ -318,25 +317,24 @@ def jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 def new_config(
     method_name: str,
-    cache: Path,
+    cache: Cache,
     method_options: dict[str, Any] | None,
     train_options: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
     """The resolved config: every option of the method and the engine (`train_options`, resolved by the
-    caller), defaults included."""
-    info = load_cache_info(cache)
+    caller), defaults included, and what the run needs of the (opened) cache."""
     method_cls = method_class(method_name)
     return {
         "method": method_name,
         "method_config": jsonable(asdict(method_cls.make_config(method_options))),
         "train": jsonable(train_options),
-        "cache": str(cache.resolve()),
-        "cache_meta_hash": sha256_file(cache / META),
-        "data_info": jsonable(asdict(data_info(cache))),
+        "cache": str(cache.root.resolve()),
+        "cache_meta_hash": sha256_file(cache.root / META),
+        "data_info": jsonable(asdict(cache.data_info())),
         "seed": seed,
         "pedcli": __version__,
-        "text": {"options": info.meta.get("text", {}), "vocab": VOCAB},
+        "text": {"options": cache.meta.get("text", {}), "vocab": VOCAB},
     }
 
 

@@ -23,16 +23,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import random
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
@@ -40,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pedcli.data.cache import part_path
-from pedcli.data.dataset import CaptionDataset, IdentityBalancedSampler, collate, split_pids
+from pedcli.data.cache import Cache, load_cache_info
+from pedcli.data.dataset import CaptionDataset, IdentityBalancedSampler, collate
 from pedcli.engine import runs
 from pedcli.engine.augment import AUGMENTATIONS, augment_batch
 from pedcli.engine.batching import LoaderOptions, move_batch, precision
@@ -59,8 +58,10 @@ from pedcli.engine.stages import (
 from pedcli.engine.trunk_cache import TrunkCache, open_trunk_cache, trunk_key
 from pedcli.errors import PedError
 from pedcli.fileio import atomic_path, check_writable, remove_stale_partials_in, write_json_atomic
+from pedcli.logs import log_to
 from pedcli.models.methods.base import Batch, Method, Stage, TrainConfig, create_method
 
+log = logging.getLogger(__name__)
 BEST_METRIC = "val_t2i_R@1"
 TRUNK_DIR = "trunk_cache"
 
@@ -160,21 +161,6 @@ class _Objective(nn.Module):
         return losses
 
 
-class _Log:
-    """train.log lines (rank 0), echoed to stderr when progress is shown."""
-
-    def __init__(self, run_dir: Path, ctx: DistContext, echo: bool) -> None:
-        self.path, self.on, self.echo = run_dir / runs.LOG, ctx.is_main, echo and ctx.is_main
-
-    def __call__(self, msg: str) -> None:
-        if not self.on:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        if self.echo:
-            tqdm.write(msg, file=sys.stderr)
-
-
 def train(
     method_name: str | None,
     cache: str | Path | None,
@@ -195,9 +181,13 @@ def train(
     """
     check_writable(run_dir, folder=True)  # an unwritable --run fails now, not at the first checkpoint
     ctx = setup(device)
+    run_dir = Path(run_dir)
     try:
-        with runs.running(run_dir, hold=ctx.is_main):
-            run_dir = Path(run_dir)
+        # the log: rank 0 appends to RUN/train.log (and echoes it to stderr unless quiet)
+        with (
+            runs.running(run_dir, hold=ctx.is_main),
+            log_to(rank=ctx.rank, console=progress, file=run_dir / runs.LOG),
+        ):
             return _train(method_name, cache, run_dir, method_options, options, seed, resume, ctx, progress)
     finally:
         teardown(ctx)
@@ -219,6 +209,7 @@ def _train(
     ctx.barrier()  # every rank has checked before rank 0 creates anything
     if resume:
         config = runs.resumed_config(run_dir, method_name, cache, method_options, requested, seed)
+        data = load_cache_info(Path(config["cache"]))
     else:
         if method_name is None or cache is None:
             raise PedError(
@@ -226,15 +217,16 @@ def _train(
             )
         resolved = asdict(TrainOptions.from_dict(requested))
         seed = 0 if seed is None else seed
-        config = runs.new_config(method_name, Path(cache), method_options, resolved, seed)
+        data = load_cache_info(cache)
+        config = runs.new_config(method_name, data, method_options, resolved, seed)
+    # `data`, the cache opened once (meta, splits, vocabulary), is what every step below reads
     opts = TrainOptions.from_dict(config["train"])
     if opts.tensorboard and ctx.is_main:
         runs.check_tensorboard()
-    cache = Path(config["cache"])
     _seed_everything(config["seed"])
     method = create_method(config["method"], runs.data_info_from_config(config), config["method_config"])
     stages = method.stages(opts)
-    check_every_score_parameter_learns(method, stages, _probe_batch(cache))  # before any file is written
+    check_every_score_parameter_learns(method, stages, _probe_batch(data))  # before any file is written
     state = _Progress()
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -249,23 +241,20 @@ def _train(
     elif ctx.is_main:
         runs.create_run_dir(run_dir)
         write_json_atomic(run_dir / runs.CONFIG, config | {"stages": [asdict(s) for s in stages]})
-        write_json_atomic(run_dir / runs.VOCAB, _vocab(cache))
+        write_json_atomic(run_dir / runs.VOCAB, data.vocab)
     ctx.barrier()
     if resume and ctx.is_main:
         runs.truncate_metrics(run_dir, state.epoch)
-    log = _Log(run_dir, ctx, progress)
     verb = "resuming" if resume else "training"
-    log(
-        f"{verb} {config['method']} on {cache} ({ctx.world_size} process(es), {ctx.device}) "
+    log.info(
+        f"{verb} {config['method']} on {config['cache']} ({ctx.world_size} process(es), {ctx.device}) "
         f"from stage {state.stage} epoch {state.stage_epoch}"
     )
 
     method.to(ctx.device)
     if opts.channels_last:
         method.to(memory_format=torch.channels_last)
-    trainer = _Trainer(
-        method, cache, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, log, progress
-    )
+    trainer = _Trainer(method, data, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, progress)
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
@@ -274,11 +263,11 @@ def _train(
         if index > state.stage:
             state.stage, state.stage_epoch = index, 0
         history += trainer.run_stage(index, stage, state, resume_states)
-    log(f"done: best {BEST_METRIC} = {state.best['value']} at epoch {state.best.get('epoch')}")
+    log.info(f"done: best {BEST_METRIC} = {state.best['value']} at epoch {state.best.get('epoch')}")
     return TrainResult(run_dir, state.best, history, ctx.is_main)
 
 
-def _probe_batch(cache: Path) -> Batch:
+def _probe_batch(cache: Cache) -> Batch:
     """Two training items, unflipped, for the checks before training."""
     dataset = CaptionDataset(cache, "train")
     return collate([dataset[i] for i in range(2)])
@@ -290,22 +279,21 @@ class _Trainer:
     def __init__(
         self,
         method: Method,
-        cache: Path,
+        cache: Cache,
         cache_hash: str,
         run_dir: Path,
         opts: TrainOptions,
         seed: int,
         ctx: DistContext,
-        log: _Log,
         progress: bool,
     ) -> None:
         self.method, self.cache, self.cache_hash, self.run_dir = method, cache, cache_hash, run_dir
         self.opts, self.seed = opts, seed
-        self.ctx, self.log, self.progress = ctx, log, progress
+        self.ctx, self.progress = ctx, progress
         self.flip_prob = opts.flip_prob if "flip" in opts.augment else 0.0
         self.dataset = CaptionDataset(cache, "train", flip_prob=self.flip_prob)
         self.sampler: IdentityBalancedSampler  # the current stage's (its batch size)
-        self.has_val = len(split_pids(cache, "val")) > 0
+        self.has_val = len(cache.split_pids("val")) > 0
 
     # ---- one stage --------------------------------------------------------------------------------
     def run_stage(
@@ -338,7 +326,7 @@ class _Trainer:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             # find_unused_parameters: a stage's losses may leave some trainable parameters out
             objective = DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=True)
-        self.log(
+        log.info(
             f"stage {index} '{stage.name}': {stage.epochs} epoch(s), {stage.optimizer} lr {stage.lr} "
             f"({stage.scheduler}), batch {stage.batch_size}, "
             f"{sum(p.numel() for _, p in trainable)} trainable parameters, losses {list(stage.losses)}"
@@ -371,7 +359,7 @@ class _Trainer:
         loader = LoaderOptions(
             self.opts.eval_batch_size, self.opts.workers, self.opts.amp, self.opts.channels_last
         )
-        self.log(f"frozen trunk outputs of the train images ({len(flips)} flip(s)): cache key {key}")
+        log.info(f"frozen trunk outputs of the train images ({len(flips)} flip(s)): cache key {key}")
         return open_trunk_cache(
             self.method, self.cache, "train", flips, self.run_dir / TRUNK_DIR, key, self.ctx, loader
         )
@@ -517,7 +505,7 @@ class _Trainer:
                 with atomic_path(runs.checkpoint_path(self.run_dir, "best")) as tmp:
                     shutil.copyfile(last, tmp)
             val = record.get("val", {})
-            self.log(
+            log.info(
                 f"epoch {state.epoch} ({record['stage']} {state.stage_epoch}): loss {record['loss']:.4f} "
                 f"{json.dumps(record['losses'])}, {record['samples_per_s']} samples/s, "
                 f"val R@1 {val.get('R@1')} R@5 {val.get('R@5')} mAP {val.get('mAP')}"
@@ -526,13 +514,8 @@ class _Trainer:
         self.ctx.barrier()
 
 
-# ---- config -----------------------------------------------------------------------------------------
+# ---- seeding ----------------------------------------------------------------------------------------
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _vocab(cache: Path) -> list[str]:
-    with h5py.File(part_path(cache, "text"), "r") as f:
-        return f["vocab"].asstr()[:].tolist()

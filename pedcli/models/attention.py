@@ -149,7 +149,13 @@ def trim_units(
     return out | {k: feats[k][:, :n, :n] for k in square if k in feats}
 
 
-def gather_rows(feats: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
-    """Rows [n, K] of every tensor of a feature dict: [n, K, ...] (one copy per shortlisted item)."""
+def gather_rows(
+    feats: dict[str, Tensor], index: Tensor, out: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Rows [n, K] of every tensor of a feature dict: [n, K, ...] (one copy per shortlisted item), into
+    the leading rows of `out`'s buffers when given."""
     flat = index.reshape(-1)
-    return {k: v.index_select(0, flat).unflatten(0, index.shape) for k, v in feats.items()}
+    if out is None:
+        return {k: v.index_select(0, flat).unflatten(0, index.shape) for k, v in feats.items()}
+    picked = {k: torch.index_select(v, 0, flat, out=out[k][: len(flat)]) for k, v in feats.items()}
+    return {k: v.unflatten(0, index.shape) for k, v in picked.items()}

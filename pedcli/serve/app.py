@@ -50,6 +50,15 @@ def _error(status: int, message: str, hint: str = "") -> JSONResponse:
     return JSONResponse({"error": message, "fix": hint}, status_code=status)
 
 
+def _not_ready(service: SearchService) -> JSONResponse:
+    """Before the first sync has finished: still running (503), or failed (500, with why)."""
+    if service.state.error:
+        return _error(
+            500, f"indexing the gallery failed: {service.state.error}", "fix it and restart ped serve"
+        )
+    return _error(503, "the gallery is still being indexed", "wait for the progress bar to finish")
+
+
 class Guard(BaseHTTPMiddleware):
     """The token check (when the server has one) and the security headers, on every response."""
 
@@ -120,7 +129,7 @@ def create_app(service: SearchService, token: str | None = None) -> Starlette:
 
     async def search(request: Request) -> Response:
         if not service.state.synced:
-            return _error(503, "the gallery is still being indexed", "wait for the progress bar to finish")
+            return _not_ready(service)
         try:
             q = request.query_params.get("q", "")
             args = (q, _int(request, "top", 10), _float(request, "min_score"))
@@ -133,7 +142,7 @@ def create_app(service: SearchService, token: str | None = None) -> Starlette:
         if not ID_PATTERN.fullmatch(image_id):
             return _error(404, "no such image", "use an id from /api/search")
         if not service.state.synced:
-            return _error(503, "the gallery is still being indexed", "wait for the progress bar to finish")
+            return _not_ready(service)
         try:
             return JSONResponse(await run_in_threadpool(service.similar, image_id, _int(request, "top", 10)))
         except KeyError:

@@ -33,6 +33,7 @@ from pedcli.engine.gallery import (
 )
 from pedcli.engine.index import flat_search
 from pedcli.engine.query import (
+    DEFAULT_RERANK_TOP,
     Match,
     QueryReport,
     QueryResult,
@@ -50,7 +51,6 @@ from pedcli.models.methods.base import Features, Method
 
 Progress = Callable[[int, int], None]  # (images embedded so far, images to embed)
 MAX_TOP = 200
-RERANK_TOP = 100
 
 
 def catalogue_id(relative: str) -> str:
@@ -210,7 +210,9 @@ class SearchService:
             rows = np.empty(0, dtype=np.int64)
             kind = choose_index("auto", len(feats.rows))
             if len(feats.rows):
-                rows = shortlist_rows(feats, text["global"].float().numpy(), max(top, RERANK_TOP), kind)[0]
+                rows = shortlist_rows(
+                    feats, text["global"].float().numpy(), max(top, DEFAULT_RERANK_TOP), kind
+                )[0]
             ranked = rank_query(self.method, feats, text, rows, top, min_score, self.device)
             matched = [(k, s, r) for r, s in ranked for k in cat.by_row[r]][:top]
             shown = [View() for _ in matched]

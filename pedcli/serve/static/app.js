@@ -141,7 +141,12 @@ function showResults(data, minScore) {
   const results = $("results");
   results.replaceChildren();
   $("detail").hidden = true;
-  $("phrases").textContent = query.phrases.length ? `noun phrases: ${query.phrases.join(" · ")}` : "";
+  const notes = [];
+  if (query.phrases.length) notes.push(`noun phrases: ${query.phrases.join(" · ")}`);
+  if (query.unknown_words && query.unknown_words.length) {
+    notes.push(`words the model does not know (read as unknown): ${query.unknown_words.join(", ")}`);
+  }
+  $("phrases").textContent = notes.join(" — ");
   if (!query.results.length) {
     results.append(emptyState(data, minScore));
     return;
