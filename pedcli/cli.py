@@ -399,6 +399,8 @@ def query(
         cache_dir=cache_dir, checkpoint=checkpoint, batch_size=batch_size, device=device,
         explain=html is not None, log=_plain,
     )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun the ranks shared the embedding; rank 0 reports
+        return
     for path, reason in report.skipped:
         console.print(f"[yellow]skipped[/] {escape(f'{path}: {reason}')}", highlight=False, soft_wrap=True)
     if as_json:

@@ -74,8 +74,8 @@ def sync_rank(rank: int, world: int, port: int, gallery: str, root: str) -> None
     feats = GalleryCache(Path(gallery), Path(root), "model").sync(None, encode, 2, workers=0, ctx=ctx)  # type: ignore[arg-type]
     teardown(ctx)
     glob = feats.gather(feats.rows)["global"][:, 0].tolist()
-    answer = {"encoded": sum(encoded), "colours": {p.name: round(g, 1) for p, g in zip(feats.paths, glob)}}
-    Path(f"{root}.rank{rank}.json").write_text(json.dumps(answer))
+    found = {p.name: round(g, 1) for p, g in zip(feats.paths, glob, strict=True)}
+    Path(f"{root}.rank{rank}.json").write_text(json.dumps({"encoded": sum(encoded), "colours": found}))
 
 
 if __name__ == "__main__":

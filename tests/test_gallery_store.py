@@ -171,6 +171,7 @@ def test_decoding_in_worker_processes_gives_the_same_store(tmp_path: Path) -> No
     assert [(p.name, why[:20]) for p, why in runs[2].skipped] == [("broken.jpg", "not a readable image")]
 
 
+@pytest.mark.slow
 def test_two_ranks_sync_one_store(tmp_path: Path) -> None:
     """`ped query` under torchrun (2 CPU ranks, gloo): the ranks split the new images, rank 0 commits one
     store, byte-identical to a single process's, and both ranks answer with it."""

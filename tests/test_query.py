@@ -315,9 +315,10 @@ def test_device_reaches_every_encoder_call(
     trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """`--device` is used for the gallery sync of `ped query` (it used to embed on the CPU), the query's
-    text and its re-scoring, and for `ped embed`."""
+    text and its re-scoring, and for `ped embed` and `ped eval`."""
     import pedcli.engine.distributed as distributed_mod
     import pedcli.engine.embed as embed_mod
+    import pedcli.engine.evaluate as evaluate_mod
     import pedcli.engine.query as query_mod
 
     probes: list[DeviceProbe] = []
@@ -327,18 +328,21 @@ def test_device_reaches_every_encoder_call(
         probes.append(DeviceProbe(method))
         return probes[-1], config
 
-    monkeypatch.setattr(distributed_mod, "resolve_device", lambda _d: torch.device("meta"))
-    for mod in (query_mod, embed_mod):
+    for mod in (distributed_mod, evaluate_mod):
+        monkeypatch.setattr(mod, "resolve_device", lambda _d: torch.device("meta"))
+    for mod in (query_mod, embed_mod, evaluate_mod):
         monkeypatch.setattr(mod, "load_run", probed_run)
     gal = tmp_path / "gallery"
     write_gallery(gal, tiny_cache, 3)
     report = query_gallery(trained_run, gal, [QUERY], top=3, device="cuda")
     assert report.embedded == 3 and len(report.results[0].matches) == 3
     embed_mod.embed_run(trained_run, tiny_cache, "test", tmp_path / "e.h5", device="cuda")
-    query_calls, embed_calls = ({n for n, _ in p.seen} for p in probes)
+    evaluate_mod.evaluate_run(trained_run, cache=tiny_cache, device="cuda", rerank="none")
+    query_calls, embed_calls, eval_calls = ({n for n, _ in p.seen} for p in probes)
     assert {"encode_images", "encode_texts"} <= query_calls
     assert query_calls & {"pair_similarity", "shortlist_similarity"}  # the exact re-scoring
     assert {"encode_images", "encode_texts"} <= embed_calls
+    assert {"encode_images", "encode_texts", "similarity"} <= eval_calls
     assert {d for p in probes for _, d in p.seen} == {"meta"}
 
 

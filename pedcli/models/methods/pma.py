@@ -343,8 +343,12 @@ class PMA(PairwiseMethod):
         return text
 
     def image_side(self, image: Features) -> Features:
-        """Adds the FA regions' Gram matrix "fa_regions_gram" [B, 24, 24] (FA without pose)."""
+        """Adds "fine_parts" [B, 12, b], the parts then the attended parts (FA with pose: the phrases'
+        dot products with both in one matrix product), or the FA regions' Gram matrix "fa_regions_gram"
+        [B, 24, 24] (FA without pose)."""
         image = super().image_side(image)
+        if "fa_parts" in image and "fine_parts" not in image:
+            image["fine_parts"] = torch.cat([image["parts"], image["fa_parts"]], dim=-2)
         if "fa_regions" in image and "fa_regions_gram" not in image:
             image["fa_regions_gram"] = _gram(image["fa_regions"], image["fa_region_norms"])
         return image
@@ -364,11 +368,11 @@ class PMA(PairwiseMethod):
 
         cos(e^pn_k, φ^p_k) with e^pn_k = Σ_i α_ki ẽ_i equals Σ_i α_ki (ẽ_i·φ̂_k) / ‖Σ_i α_ki ẽ_i‖, and
         the norm needs only the phrases' Gram matrix: no [pairs, 6, b] tensor is formed."""
-        text = self.text_side(text)
+        text, image = self.text_side(text), self.image_side(image)
         phrases, norms, mask = text["phrases"], text["phrase_norms"], text["phrases_mask"]
-        cos = att.cross_dots(phrases, image["parts"], layout).transpose(-1, -2)  # cos(p_k, ẽ_i) [..., 6, P]
+        both = att.cross_dots(phrases, image["fine_parts"], layout).transpose(-1, -2)  # [..., 12, P]
+        cos, dots = both.split(len(PARTS), dim=-2)  # cos(p_k, ẽ_i) and ẽ_i · φ̂_k / ‖ẽ_i‖, [..., 6, P]
         alpha = att.masked_softmax(cos, att.per_text(mask, layout)[..., None, :])  # eq. 11
-        dots = att.cross_dots(phrases, image["fa_parts"], layout).transpose(-1, -2)
         dots = dots * att.per_text(norms, layout)[..., None, :]  # ẽ_i · φ̂_k
         s = att.attended_cosine(alpha, dots, text["phrases_gram"], "text", layout)  # eq. 12
         return s.sum(-1), alpha  # eq. 13
@@ -424,20 +428,25 @@ class PMA(PairwiseMethod):
         return {name: out[name] for name in stage.losses}
 
     # ---- explanation ------------------------------------------------------------------------------
-    def explain(self, text_feats: Features, image_feats: Features) -> Explanation:
+    def explain(self, text_feats: Features, image_feats: Features) -> Explanation | None:
         """For the first query and each image: the CA regions' softmax weights q_ij (eq. 8) on the
         stripes × columns grid, the regions kept by the hard attention (eq. 9), and per noun phrase its
-        weight for each body part (eq. 11). `details["region_similarity"]` holds the cosines s_ij (eq. 7)."""
+        weight for each body part (eq. 11). `details["region_similarity"]` holds the cosines s_ij (eq. 7).
+        Without CA (`coarse=false`) there are no regions: the phrase → part links alone, if any."""
         text = index_features(text_feats, slice(0, 1))
         text = {k: v if v.dtype == torch.bool else v.float() for k, v in text.items()}
         image = {k: v.float() for k, v in image_feats.items()}
         grid = (-1, self.cfg.stripes, self.cfg.columns)
         with torch.no_grad():
-            _, s, w = self._coarse(text, image, layout="all")
             links, parts = None, []
             if self.cfg.fine and self.cfg.fa_pose:
                 alpha = self._fine_pose(text, image, layout="all")[1]  # [ni, 6 parts, phrases]
                 links, parts = as_array(alpha[0][..., text["phrases_mask"][0]].transpose(1, 2)), list(PARTS)
+            if not self.cfg.coarse and links is None:
+                return None
+            if not self.cfg.coarse:
+                return Explanation("noun phrases over body parts", parts=parts, links=links)
+            _, s, w = self._coarse(text, image, layout="all")
             return Explanation(
                 "attention over regions",
                 grid=as_array(torch.softmax(s[0], dim=-1).reshape(grid)),
