@@ -196,3 +196,41 @@ def test_two_ranks_sync_one_store(tmp_path: Path) -> None:
         assert (tmp_path / "two" / "model" / name).read_bytes() == (
             tmp_path / "one" / "model" / name
         ).read_bytes()
+
+
+def test_an_unchanged_gallery_is_synced_without_the_catalogue(tmp_path: Path, monkeypatch) -> None:
+    """Issue 12: every search of `ped serve` syncs; an unchanged listing (names, sizes, mtimes, ctimes,
+    inodes) is answered from the last sync without opening the catalogue, and any change to the listing,
+    even a same-size replacement with its mtime restored, still goes through the catalogue."""
+    gal, root = tmp_path / "gallery", tmp_path / "cache"
+    files = write_images(gal, 4, suffix="bmp")
+    cache = GalleryCache(gal, root, "model")
+    first = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
+    opened: list[Path] = []
+    real = gallery_mod._open_catalog
+    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r, log: opened.append(r) or real(r, log))
+    again = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
+    assert opened == [] and again.embedded == 0 and colours(again) == colours(first) == expected(gal)
+    st = files[1].stat()
+    Image.fromarray(np.full((16, 8, 3), 200, np.uint8)).save(files[1])
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
+    assert opened and colours(changed)["img01.bmp"] == 200 and changed.embedded == 1
+    opened.clear()
+    files[2].unlink()
+    gone = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
+    assert opened and colours(gone) == expected(gal) and "img02.bmp" not in colours(gone)
+
+
+def test_sync_reports_progress_per_batch(tmp_path: Path) -> None:
+    """`ped serve`'s progress bars hear of each batch of new images (undecodable ones count as done)."""
+    gal = tmp_path / "gallery"
+    write_images(gal, 5)
+    (gal / "broken.jpg").write_bytes(b"not an image")
+    seen: list[tuple[int, int]] = []
+    cache = GalleryCache(gal, tmp_path / "cache", "model")
+    cache.sync(None, mean_colour, 2, workers=0, progress=lambda d, t: seen.append((d, t)))  # type: ignore[arg-type]
+    assert seen == [(2, 6), (4, 6), (6, 6)]
+    seen.clear()
+    cache.sync(None, mean_colour, 2, workers=0, progress=lambda d, t: seen.append((d, t)))  # type: ignore[arg-type]
+    assert seen == []  # nothing new

@@ -23,11 +23,19 @@ from typer.testing import CliRunner
 from pedcli.cli import app
 from pedcli.data.cache import part_path
 from pedcli.engine import gallery as gallery_mod
+from pedcli.engine import query as query_mod
 from pedcli.engine.embed import embed_images
 from pedcli.engine.explain_view import View
 from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, find_images
 from pedcli.engine.index import FaissIndex, flat_search, top_k
-from pedcli.engine.query import QueryReport, QueryResult, query_gallery, read_queries, text_pipeline
+from pedcli.engine.query import (
+    QueryReport,
+    QueryResult,
+    query_gallery,
+    read_queries,
+    similar_files,
+    text_pipeline,
+)
 from pedcli.engine.report import to_html, to_json
 from pedcli.engine.runs import load_run, read_config
 from pedcli.errors import PedError
@@ -227,6 +235,33 @@ def test_flat_and_faiss_search() -> None:
     index.nprobe = index.index.nlist  # every list probed: the approximate index becomes exact
     _, found = index.search(q, 7)
     assert (np.sort(found, 1) == np.sort(rows, 1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("kind", ["flat", "faiss"])
+def test_similar_files_is_one_index_search_of_top_plus_one(tmp_path: Path, monkeypatch, kind: str) -> None:
+    """Image→image search by file (`ped serve`'s "more like this"): the index is asked for top + 1 rows,
+    never for the whole store; the answer is the exact cosine ranking, the file itself left out and its
+    copies first."""
+    gal = tmp_path / "gallery"
+    gal.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(np.full((16, 8, 3), rng.integers(0, 256, 3), np.uint8)).save(gal / f"i{i:02d}.png")
+    (gal / "copy.png").write_bytes((gal / "i03.png").read_bytes())
+    feats = GalleryCache(gal, tmp_path / "c", "k").sync(None, mean_colour)  # type: ignore[arg-type]
+    asked: list[int] = []
+    real = query_mod.search_store
+    monkeypatch.setattr(query_mod, "search_store", lambda *a, **kw: asked.append(a[3]) or real(*a, **kw))
+    k0 = feats.paths.index(gal / "i03.png")
+    used, hits = similar_files(feats, k0, top=4, index=kind)
+    assert used == kind and asked == [5]
+    unit = np.asarray(feats.gather(feats.rows)["global"])
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    cosine = unit @ unit[k0]
+    brute = sorted((k for k in range(len(feats.paths)) if k != k0), key=lambda k: -cosine[k])[:4]
+    assert feats.paths[hits[0].file] == gal / "copy.png" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert [h.file for h in hits] == brute
+    assert [h.score for h in hits] == pytest.approx([float(cosine[k]) for k in brute], abs=2e-3)
 
 
 def test_top_k_orders_ties_by_index() -> None:

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from pedcli.cli import app as cli_app
+from pedcli.engine import gallery as gallery_mod
 from pedcli.engine.query import query_gallery
 from pedcli.errors import PedError
 from pedcli.serve.app import create_app
@@ -136,6 +137,20 @@ def test_new_files_are_found_on_the_next_search(service, gallery) -> None:
     assert catalogue_id(new.relative_to(gallery).as_posix()) in {
         r["id"] for r in after["queries"][0]["results"]
     }
+
+
+def test_a_search_of_an_unchanged_gallery_reuses_the_catalogue(service, gallery, monkeypatch) -> None:
+    """The per-search sync of an unchanged gallery neither opens the gallery cache's catalogue nor
+    rebuilds the id catalogue; a new file does both."""
+    opened: list[Path] = []
+    real = gallery_mod._open_catalog
+    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r, log: opened.append(r) or real(r, log))
+    first = service.sync()
+    with client(service) as c:
+        assert c.get("/api/search", params={"q": QUERY}).status_code == 200
+    assert service.sync() is first and opened == []
+    write_gallery(gallery / "later", 1, seed=6)
+    assert service.sync() is not first and opened and len(service.sync().ids) == 8
 
 
 def test_the_page_waits_for_the_first_sync(trained_run, gallery) -> None:

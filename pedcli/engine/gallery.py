@@ -21,6 +21,8 @@ outnumber live ones (or a feature grows wider), the transaction writes the next 
 deletes the old one's files after the commit; a reader that mapped them keeps them (POSIX keeps unlinked
 mapped files alive). A killed sync leaves the catalogue as it was; its appended bytes or next-generation
 files are removed by the next writer. A damaged catalogue or row file is rebuilt, with a message.
+A `GalleryCache` kept by a process (`ped serve` syncs before every search) answers a sync whose directory
+listing (paths, sizes, mtimes, ctimes, inodes) is that of its last clean sync without opening the catalogue.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -69,21 +71,42 @@ CREATE TABLE IF NOT EXISTS contents(model TEXT, sha TEXT, row INTEGER, failed TE
 """
 
 Encoder = Callable[[Method, Sequence[np.ndarray]], Features]
+Progress = Callable[[int, int], None]  # (new images decoded and embedded so far, new images to embed)
+Listing = tuple[tuple[str, tuple[int, int, int, int] | str], ...]  # (path, stat key or why not) per file
 
 
 class DamagedStore(Exception):
     """The catalogue or a row file cannot be read as written; the cache is rebuilt."""
 
 
-def find_images(gallery: Path) -> list[Path]:
-    """Image files under `gallery` (recursive, sorted), skipping hidden folders such as the cache."""
+def _listing(gallery: Path) -> Listing:
+    """Each image file's gallery-relative POSIX path and stat key (or why it cannot be stat'ed)."""
+    out: list[tuple[str, tuple[int, int, int, int] | str]] = []
+    for rel in image_names(gallery):
+        try:
+            out.append((rel, stat_key(os.stat(os.path.join(gallery, rel)))))
+        except OSError as e:
+            out.append((rel, str(e.strerror or e)))
+    return tuple(out)
+
+
+def image_names(gallery: Path) -> list[str]:
+    """Gallery-relative POSIX paths of the image files under `gallery` (recursive, sorted), skipping
+    hidden folders such as the cache. Plain strings: a search of `ped serve` lists the gallery every time."""
     if not gallery.is_dir():
         raise PedError(f"gallery folder {gallery} does not exist", "pass --gallery DIR with your images")
     found = []
     for dirpath, dirnames, filenames in os.walk(gallery):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath, n) for n in sorted(filenames) if n.lower().endswith(IMAGE_SUFFIXES)]
+        rel = os.path.relpath(dirpath, gallery)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        found += [prefix + n for n in sorted(filenames) if n.lower().endswith(IMAGE_SUFFIXES)]
     return found
+
+
+def find_images(gallery: Path) -> list[Path]:
+    """Image files under `gallery` (recursive, sorted), skipping hidden folders such as the cache."""
+    return [gallery / rel for rel in image_names(gallery)]
 
 
 def model_key(checkpoint_sha256: str, config: dict[str, Any]) -> str:
@@ -293,6 +316,7 @@ class GalleryCache:
         self.key = key
         self.dir = root / key
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._last: tuple[Listing, GalleryFeatures] | None = None  # the last clean sync of this object
 
     # ---- the one public operation ---------------------------------------------------------------------
     def sync(
@@ -304,36 +328,55 @@ class GalleryCache:
         device: str | torch.device = "cpu",
         workers: int = DECODE_WORKERS,
         ctx: DistContext | None = None,
+        progress: Progress | None = None,
     ) -> GalleryFeatures:
         """Hash the gallery files (memo), embed on `device` the contents the store lacks (decoded by
         `workers` processes when there are many; under `torchrun` (`ctx`) each rank embeds its share and
-        rank 0 commits), and map every path to its row. Unreadable files are skipped and listed, never
-        fatal; a damaged cache is rebuilt."""
-        encode = encode or partial(_encode_arrays, device=device)
+        rank 0 commits; `progress` hears of each batch), and map every path to its row. Unreadable files
+        are skipped and listed, never fatal; a damaged cache is rebuilt.
+
+        A gallery whose listing (paths, sizes, mtimes, ctimes, inodes) is what this object's last clean
+        sync saw is answered from that sync without opening the catalogue: its rows are committed and
+        never rewritten in place, and a compaction by another process leaves mapped files readable."""
+        encode = encode or partial(encode_arrays, device=device)
         ctx = ctx or DistContext()
+        listing = _listing(self.gallery)
+        last = self._last
+        if last is not None and last[0] == listing and not ctx.distributed and self._alive(last[1]):
+            return last[1]
         try:
-            return self._sync(method, encode, batch_size, workers, log, ctx)
+            return self._sync(listing, method, encode, batch_size, workers, log, ctx, progress)
         except DamagedStore as e:
             log(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
+            self._last = None
             _wipe(self.root)
             self.dir.mkdir(parents=True, exist_ok=True)
-            return self._sync(method, encode, batch_size, workers, log, ctx)
+            return self._sync(listing, method, encode, batch_size, workers, log, ctx, progress)
+
+    def _alive(self, feats: GalleryFeatures) -> bool:
+        """Whether the generation `feats` maps is still the current one (its global row file exists), so
+        derived files such as the faiss index are kept for it."""
+        return "global" not in feats.features or self._file(feats.generation, "global").exists()
 
     def _sync(
         self,
+        listing: Listing,
         method: Method,
         encode: Encoder,
         batch_size: int,
         workers: int,
         log: Callable[[str], None],
         ctx: DistContext,
+        progress: Progress | None,
     ) -> GalleryFeatures:
         with _catalog(self.root, log) as catalog:
-            paths, shas, memo, skipped = self._hash_files(catalog)
+            paths, shas, memo, skipped = self._hash_files(catalog, listing)
             store = self._read(catalog)
         missing = ctx.broadcast(_missing(shas, store))  # rank 0's view: every rank splits the same list
         mine = _rank_share(missing, batch_size, ctx)
-        new, failed, unread = self._embed(paths, shas, mine, method, encode, batch_size, workers, log)
+        new, failed, unread = self._embed(
+            paths, shas, mine, method, encode, batch_size, workers, log, progress
+        )
         if ctx.distributed:
             new, failed, unread = _joined(ctx.gather((new, failed, unread)))
         dead = (set(store.contents) | set(store.failed)) - set(shas)
@@ -349,19 +392,24 @@ class GalleryCache:
                 with _catalog(self.root, log) as catalog:
                     store = self._read(catalog)
         embedded = len(new[0]) if new is not None else 0
-        return self._mapped(store, paths, shas, skipped, embedded, unread)
+        out = self._mapped(store, paths, shas, skipped, embedded, unread)
+        clean = not skipped and not unread and not ctx.distributed  # nothing to retry next time
+        self._last = (listing, replace(out, embedded=0)) if clean else None
+        return out
 
     # ---- hashing and embedding (no lock held) ---------------------------------------------------------
     def _hash_files(
-        self, catalog: Catalog
+        self, catalog: Catalog, listing: Listing
     ) -> tuple[list[Path], list[str], dict[str, Any], list[tuple[Path, str]]]:
-        """(paths, their sha256, memo changes {rel path: (stat key, sha) or None = forget}, skipped)."""
+        """(paths, their sha256, memo changes {rel path: (stat key, sha) or None = forget}, skipped) of
+        the files of `listing`."""
         known = catalog.memo("image")
         paths, shas, skipped, memo = [], [], [], {}
-        for p in find_images(self.gallery):
-            rel = p.relative_to(self.gallery).as_posix()
+        for rel, key in listing:
+            p = self.gallery / rel
             try:
-                key = stat_key(p.stat())
+                if isinstance(key, str):
+                    raise OSError(key)
                 hit = known.pop(rel, None)
                 if hit is not None and hit[0] == key:
                     sha = hit[1]
@@ -385,6 +433,7 @@ class GalleryCache:
         batch_size: int,
         workers: int,
         log: Callable[[str], None],
+        progress: Progress | None = None,
     ) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
         """Decode (in DataLoader workers when there are a few batches) and encode the files of the
         `missing` contents a batch at a time. Contents that do not decode go to `failed` (kept in the
@@ -416,6 +465,8 @@ class GalleryCache:
                 for k, v in encode(method, arrays).items():
                     parts.setdefault(k, []).append(v)
                 done += ok
+            if progress is not None:
+                progress(len(done) + len(failed) + len(unread), len(files))
         new = (done, {k: stack_padded(v) for k, v in parts.items()}) if done else None
         return new, failed, unread
 
@@ -705,7 +756,7 @@ def _missing(shas: list[str], store: _Store) -> list[str]:
     return [s for s in dict.fromkeys(shas) if s not in store.contents and s not in store.failed]
 
 
-def _encode_arrays(
+def encode_arrays(
     method: Method, arrays: Sequence[np.ndarray], device: str | torch.device = "cpu"
 ) -> Features:
     """Gallery images → features on `device`, prepared exactly as `ped embed` prepares loose images (plus

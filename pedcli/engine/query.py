@@ -9,6 +9,9 @@
    `ped eval --rerank-top`). For embedding methods (global cosine) the second stage changes nothing; for
    cross-attention methods it is the real score. A gallery no larger than the shortlist is scored whole.
 4. `--min-score` cuts the ranking, so "no match" is an answer; `--top K` keeps the K best.
+
+Steps 3–4 (and the explanation of the matches) are `search_texts`, and image→image search is
+`similar_files`: `ped serve` calls the same two functions.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 
 from pedcli.data.dataset import TEXT_BATCH_KEYS
-from pedcli.engine.distributed import DistContext, setup, teardown
+from pedcli.engine.distributed import setup, teardown
 from pedcli.engine.embed import for_inference
 from pedcli.engine.explain_view import View, views
 from pedcli.engine.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
-from pedcli.engine.index import choose_index, search_store
+from pedcli.engine.index import choose_index, normalize_rows, search_store
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
 from pedcli.engine.scoring import shortlist_scores
 from pedcli.errors import PedError
@@ -51,6 +54,15 @@ class QueryResult:
     matches: list[Match]
     phrases: list[str] = field(default_factory=list)  # the query's noun phrases, as the pipeline found them
     unknown: list[str] = field(default_factory=list)  # the query's words outside the run's vocabulary
+
+
+@dataclass
+class Hit:
+    """One ranked gallery file: its index in `GalleryFeatures.paths`, its score and its explanation."""
+
+    file: int
+    score: float
+    view: View = field(default_factory=View)
 
 
 @dataclass
@@ -177,31 +189,28 @@ def query_gallery(
     for_inference(method)
     pipeline = text_pipeline(run_dir, config)
     unknown = pipeline.unknown_words(queries)  # a query of unknown words only is refused here
-    root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)
     try:
-        feats = gallery_features(method, config, ckpt, gallery, root, batch_size, log, ctx)
+        cache = open_cache(gallery, cache_dir, ckpt, config, log)
+        feats = cache.sync(method, batch_size=batch_size, log=log, device=dev, ctx=ctx)
     finally:
         teardown(ctx)
-    kind = choose_index(index, len(feats.rows))
     text, phrases = encode_queries(method, pipeline, queries, dev)
-    shortlists = [np.empty(0, dtype=np.int64)] * len(queries)
-    if len(feats.rows):
-        shortlists = shortlist_rows(feats, text["global"].float().numpy(), max(top, rerank_top), kind)
-    by_row: dict[int, list[Path]] = {}  # files with the same content share a row
-    for p, r in zip(feats.paths, feats.rows, strict=True):
-        by_row.setdefault(int(r), []).append(p)
-    results = []
-    for qi, q in enumerate(queries):
-        t = index_features(text, slice(qi, qi + 1))
-        ranked = rank_query(method, feats, t, shortlists[qi], top, min_score, dev)
-        matched = [(p, s, r) for r, s in ranked for p in by_row[r]][:top]
-        shown = [View() for _ in matched]
-        if explain and matched:
-            picked = feats.gather(np.array([r for _, _, r in matched]))
-            on_dev = {k: v.to(dev) for k, v in t.items()}, {k: v.to(dev) for k, v in picked.items()}
-            shown = views(method.explain(*on_dev), len(matched), phrases[qi])
-        matches = [Match(i + 1, s, p, v) for i, ((p, s, _), v) in enumerate(zip(matched, shown, strict=True))]
-        results.append(QueryResult(q, matches, phrases[qi], unknown[qi]))
+    kind, hits = search_texts(
+        method,
+        feats,
+        text,
+        phrases,
+        top=top,
+        min_score=min_score,
+        rerank_top=rerank_top,
+        index=index,
+        device=dev,
+        explain=explain,
+    )
+    results = [
+        QueryResult(q, [Match(i + 1, h.score, feats.paths[h.file], h.view) for i, h in enumerate(f)], ph, u)
+        for q, f, ph, u in zip(queries, hits, phrases, unknown, strict=True)
+    ]
     return QueryReport(
         run_dir,
         ckpt,
@@ -215,21 +224,85 @@ def query_gallery(
     )
 
 
-def gallery_features(
-    method: Method,
-    config: dict[str, Any],
-    checkpoint: Path,
+def open_cache(
     gallery: Path,
-    root: Path,
-    batch_size: int,
-    log: Callable[[str], None],
-    ctx: DistContext,
-) -> GalleryFeatures:
-    """The gallery's features under `root`, in the folder of this model (checkpoint content + config),
-    new images embedded on `ctx.device` (shared by the ranks under torchrun)."""
-    key = model_key(checkpoint_sha(root, checkpoint), config)
-    cache = GalleryCache(gallery, root, key)
-    return cache.sync(method, batch_size=batch_size, log=log, device=ctx.device, ctx=ctx)
+    cache_dir: str | Path | None,
+    checkpoint: Path,
+    config: dict[str, Any],
+    log: Callable[[str], None] = lambda _: None,
+) -> GalleryCache:
+    """The gallery's feature cache for this model (checkpoint content + config), rooted by `cache_root`."""
+    root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)
+    return GalleryCache(gallery, root, model_key(checkpoint_sha(root, checkpoint), config))
+
+
+def files_by_row(gallery: GalleryFeatures) -> dict[int, list[int]]:
+    """Store row → the indices of the gallery files holding that content (copies share a row)."""
+    out: dict[int, list[int]] = {}
+    for k, r in enumerate(gallery.rows):
+        out.setdefault(int(r), []).append(k)
+    return out
+
+
+def search_texts(
+    method: Method,
+    gallery: GalleryFeatures,
+    text: Features,
+    phrases: Sequence[list[str]],
+    *,
+    top: int = 10,
+    min_score: float | None = None,
+    rerank_top: int = DEFAULT_RERANK_TOP,
+    index: str = "auto",
+    device: torch.device | None = None,
+    explain: bool = False,
+    by_row: dict[int, list[int]] | None = None,
+) -> tuple[str, list[list[Hit]]]:
+    """(index used, per query its best `top` files): shortlist by global cosine, exact rescoring, files
+    of one content each listed, explanations of the matches when asked. `by_row`: `files_by_row`'s
+    answer, when the caller keeps it."""
+    device = device or torch.device("cpu")
+    kind = choose_index(index, len(gallery.rows))
+    n = len(next(iter(text.values())))
+    shortlists = [np.empty(0, dtype=np.int64)] * n
+    if len(gallery.rows):
+        shortlists = shortlist_rows(gallery, text["global"].float().numpy(), max(top, rerank_top), kind)
+    by_row = files_by_row(gallery) if by_row is None else by_row
+    out = []
+    for qi in range(n):
+        t = index_features(text, slice(qi, qi + 1))
+        ranked = rank_query(method, gallery, t, shortlists[qi], top, min_score, device)
+        hits = [Hit(k, s) for r, s in ranked for k in by_row[r]][:top]
+        if explain and hits:
+            picked = gallery.gather(gallery.rows[[h.file for h in hits]])
+            on_dev = {k: v.to(device) for k, v in t.items()}, {k: v.to(device) for k, v in picked.items()}
+            for h, v in zip(hits, views(method.explain(*on_dev), len(hits), phrases[qi]), strict=True):
+                h.view = v
+        out.append(hits)
+    return kind, out
+
+
+def similar_files(
+    gallery: GalleryFeatures,
+    file: int,
+    top: int = 10,
+    index: str = "auto",
+    by_row: dict[int, list[int]] | None = None,
+) -> tuple[str, list[Hit]]:
+    """(index used, the `top` files whose global feature is closest by cosine to that of file `file`,
+    itself left out): one index search of k = top + 1 rows (the file's own row is among the best), not
+    a scan of the store. Image→image has no exact pair score in the methods, so the cosine is the score;
+    copies of the file (same content, same row) come first with score 1."""
+    kind = choose_index(index, len(gallery.rows))
+    row = gallery.rows[file : file + 1]
+    query = np.asarray(gallery.features["global"][row], dtype=np.float32)
+    rows = shortlist_rows(gallery, query, top + 1, kind)[0]
+    unit = normalize_rows(np.asarray(gallery.features["global"][rows], dtype=np.float32))
+    scores = unit @ normalize_rows(query)[0]
+    order = np.lexsort((rows, -scores))  # exact cosines, ties by row: the order does not depend on the index
+    by_row = files_by_row(gallery) if by_row is None else by_row
+    hits = [Hit(k, float(scores[i])) for i in order for k in by_row[int(rows[i])] if k != file]
+    return kind, hits[:top]
 
 
 def read_queries(path: str | Path) -> list[str]:

@@ -3,8 +3,9 @@
 
 Images are known to the web layer only by a catalogue id (a hash of the file's path relative to the
 gallery, stable across syncs); a request can never name a path. Every search first syncs the gallery
-incrementally (the hash memo makes an unchanged gallery cost one stat per file), so new files are found
-without a restart; concurrent searches share one sync.
+incrementally (an unchanged gallery costs one stat per file and no catalogue access), so new files are
+found without a restart; concurrent searches share one sync. The searching itself is the library's
+(`search_texts`, `similar_files` of `pedcli.engine.query`), shared with `ped query`.
 """
 
 from __future__ import annotations
@@ -20,27 +21,17 @@ from typing import Any
 import numpy as np
 
 from pedcli.engine.distributed import resolve_device
-from pedcli.engine.embed import embed_images
-from pedcli.engine.explain_view import View, views
-from pedcli.engine.gallery import (
-    GalleryCache,
-    GalleryFeatures,
-    cache_root,
-    checkpoint_sha,
-    find_images,
-    model_key,
-    pose_maps,
-)
-from pedcli.engine.index import flat_search
+from pedcli.engine.gallery import GalleryFeatures, Progress, encode_arrays
 from pedcli.engine.query import (
-    DEFAULT_RERANK_TOP,
+    Hit,
     Match,
     QueryReport,
     QueryResult,
-    choose_index,
     encode_queries,
-    rank_query,
-    shortlist_rows,
+    files_by_row,
+    open_cache,
+    search_texts,
+    similar_files,
     text_pipeline,
 )
 from pedcli.engine.report import to_json
@@ -49,7 +40,6 @@ from pedcli.errors import PedError
 from pedcli.fileio import sha256_bytes
 from pedcli.models.methods.base import Features, Method
 
-Progress = Callable[[int, int], None]  # (images embedded so far, images to embed)
 MAX_TOP = 200
 
 
@@ -102,10 +92,7 @@ class Catalogue:
     @classmethod
     def of(cls, features: GalleryFeatures, gallery: Path) -> Catalogue:
         ids = [catalogue_id(p.relative_to(gallery).as_posix()) for p in features.paths]
-        by_row: dict[int, list[int]] = {}
-        for k, r in enumerate(features.rows):
-            by_row.setdefault(int(r), []).append(k)
-        return cls(features, ids, {i: k for k, i in enumerate(ids)}, by_row)
+        return cls(features, ids, {i: k for k, i in enumerate(ids)}, files_by_row(features))
 
 
 class SearchService:
@@ -131,9 +118,7 @@ class SearchService:
         self.pipeline = text_pipeline(self.run_dir, self.config)
         self.metrics = run_metrics(self.run_dir)
         self.batch_size = batch_size
-        root = cache_root(self.gallery, None if cache_dir is None else Path(cache_dir), log)
-        key = model_key(checkpoint_sha(root, self.checkpoint), self.config)
-        self.cache = GalleryCache(self.gallery, root, key)
+        self.cache = open_cache(self.gallery, cache_dir, self.checkpoint, self.config, log)
         self.state = SyncState()
         self._catalogue: Catalogue | None = None
         self._synced_at = -1.0  # perf_counter at the start of the last finished sync
@@ -148,39 +133,31 @@ class SearchService:
             if self._catalogue is not None and self._synced_at >= asked:
                 return self._catalogue
             started = time.perf_counter()
-            first = self._catalogue is None
-            self.state = SyncState(
-                running=True, total=len(find_images(self.gallery)) if first else 0, synced=not first
-            )
+            self.state = SyncState(running=True, synced=self._catalogue is not None)
+
+            def count(done: int, total: int) -> None:
+                self.state.done, self.state.total = done, total
+                if progress is not None:
+                    progress(done, total)
+
             try:
                 feats = self.cache.sync(
-                    self.method, encode=self._encoder(progress), batch_size=self.batch_size
+                    self.method, encode=self._encode, batch_size=self.batch_size, progress=count
                 )
             except Exception as e:
                 self.state.error = str(e)
                 self.state.running = False
                 raise
-            self._catalogue = Catalogue.of(feats, self.gallery)
+            if self._catalogue is None or feats is not self._catalogue.features:  # else: nothing changed
+                self._catalogue = Catalogue.of(feats, self.gallery)
             self._synced_at = started
             self.state = SyncState(done=self.state.done, total=self.state.total, synced=True)
             return self._catalogue
 
-    def _encoder(self, progress: Progress | None) -> Callable[[Method, Sequence[np.ndarray]], Features]:
-        """Gallery images → features as `ped query` makes them, counting the images for the progress bars."""
-
-        def encode(method: Method, arrays: Sequence[np.ndarray]) -> Features:
-            pose = pose_maps(method, arrays) if method.needs_pose else None
-            with self._model_lock:
-                out = embed_images(
-                    method, list(arrays), batch_size=len(arrays), pose=pose, device=self.device
-                )
-            self.state.done += len(arrays)
-            self.state.total = max(self.state.total, self.state.done)
-            if progress is not None:
-                progress(self.state.done, self.state.total)
-            return out
-
-        return encode
+    def _encode(self, method: Method, arrays: Sequence[np.ndarray]) -> Features:
+        """The library's gallery encoder, holding the model lock (searches run beside a sync)."""
+        with self._model_lock:
+            return encode_arrays(method, arrays, device=self.device)
 
     # ---- searching ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -203,58 +180,46 @@ class SearchService:
             raise PedError("no query given", "pass a sentence, e.g. ?q=a woman in a red shirt")
         top = _check_top(top)
         cat = self.sync()
-        feats = cat.features
         unknown = self.pipeline.unknown_words([query])[0]  # refuses a query of unknown words only
         with self._model_lock:
             text, phrases = encode_queries(self.method, self.pipeline, [query], self.device)
-            rows = np.empty(0, dtype=np.int64)
-            kind = choose_index("auto", len(feats.rows))
-            if len(feats.rows):
-                rows = shortlist_rows(
-                    feats, text["global"].float().numpy(), max(top, DEFAULT_RERANK_TOP), kind
-                )[0]
-            ranked = rank_query(self.method, feats, text, rows, top, min_score, self.device)
-            matched = [(k, s, r) for r, s in ranked for k in cat.by_row[r]][:top]
-            shown = [View() for _ in matched]
-            if matched:
-                picked = feats.gather(np.array([r for _, _, r in matched]))
-                shown = views(self.method.explain(text, picked), len(matched), phrases[0])
-        matches = [(k, s, v) for (k, s, _), v in zip(matched, shown, strict=True)]
-        return self._answer(cat, query, phrases[0], matches, kind, unknown)
+            kind, (hits,) = search_texts(
+                self.method,
+                cat.features,
+                text,
+                phrases,
+                top=top,
+                min_score=min_score,
+                device=self.device,
+                explain=True,
+                by_row=cat.by_row,
+            )
+        return self._answer(cat, query, phrases[0], hits, kind, unknown)
 
     def similar(self, image_id: str, top: int = 10) -> dict[str, Any]:
-        """Images whose global feature is closest (cosine) to that of image `image_id`, itself excluded.
-        Image→image has no exact pair score in the methods, so the cosine is the score."""
+        """Images whose global feature is closest (cosine) to that of image `image_id`, itself excluded
+        (`similar_files`: one index search)."""
         top = _check_top(top)
         cat = self.sync()
         k0 = cat.by_id.get(image_id)
         if k0 is None:
             raise KeyError(image_id)
-        feats = cat.features
-        base = feats.features["global"]
-        row0 = int(feats.rows[k0])
-        scores, rows = flat_search(base, np.asarray(base[row0 : row0 + 1], dtype=np.float32), base.shape[0])
-        matches = [  # rows of other gallery states (not in by_row) never show
-            (k, float(s), View())
-            for s, r in zip(scores[0], rows[0], strict=True)
-            for k in cat.by_row.get(int(r), [])
-            if k != k0
-        ][:top]
-        name = feats.paths[k0].relative_to(self.gallery).as_posix()
-        return self._answer(cat, f"more like {name}", [], matches, "flat") | {"similar_to": image_id}
+        kind, hits = similar_files(cat.features, k0, top, by_row=cat.by_row)
+        name = cat.features.paths[k0].relative_to(self.gallery).as_posix()
+        return self._answer(cat, f"more like {name}", [], hits, kind) | {"similar_to": image_id}
 
     def _answer(
         self,
         cat: Catalogue,
         query: str,
         phrases: list[str],
-        matches: list[tuple[int, float, View]],
+        hits: list[Hit],
         kind: str,
         unknown: list[str] | None = None,
     ) -> dict[str, Any]:
         """`ped query --json` for one query (report.to_json), plus each result's id, name and view."""
         feats = cat.features
-        ranked = [Match(i + 1, s, feats.paths[k], v) for i, (k, s, v) in enumerate(matches)]
+        ranked = [Match(i + 1, h.score, feats.paths[h.file], h.view) for i, h in enumerate(hits)]
         result = QueryResult(query, ranked, phrases, unknown or [])
         report = QueryReport(
             self.run_dir,
@@ -268,9 +233,9 @@ class SearchService:
             feats.skipped,
         )
         out = to_json(report)
-        for r, (k, _, v) in zip(out["queries"][0]["results"], matches, strict=True):
-            r |= {"id": cat.ids[k], "name": feats.paths[k].relative_to(self.gallery).as_posix()}
-            r["view"] = v.to_dict()
+        for r, h in zip(out["queries"][0]["results"], hits, strict=True):
+            r |= {"id": cat.ids[h.file], "name": feats.paths[h.file].relative_to(self.gallery).as_posix()}
+            r["view"] = h.view.to_dict()
         return out
 
     def image_path(self, image_id: str) -> Path | None:

@@ -234,6 +234,11 @@ def require(checks: list[tuple[bool, str, str]]) -> None:
             raise PedError(msg, hint or None)
 
 
+def one_of(what: str, value: str, options: tuple[str, ...]) -> tuple[bool, str, str]:
+    """The `require` check that an option `what` takes one of `options`."""
+    return value in options, f"unknown {what} '{value}'", f"choose one of: {', '.join(options)}"
+
+
 def index_features(feats: Features, index: slice | torch.Tensor) -> Features:
     """Select the same rows of every tensor in a feature dict (first dim = item)."""
     if isinstance(index, torch.Tensor):  # index_select is much faster than advanced indexing on CPU

@@ -74,6 +74,7 @@ from pedcli.models.methods.base import (
     Features,
     Stage,
     index_features,
+    one_of,
     register_method,
     require,
 )
@@ -139,18 +140,12 @@ class MIAConfig:
     def __post_init__(self) -> None:
         score_needs = {"global": self.global_contrast, "relation": self.relation, "local": self.fine}
         checks = [
-            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
-             f"choose one of: {', '.join(BACKBONES)}"),
-            (self.units in UNITS, f"unknown MIA units '{self.units}'",
-             f"choose one of: {', '.join(UNITS)}"),
-            (self.score in SCORES, f"unknown MIA score '{self.score}'",
-             f"choose one of: {', '.join(SCORES)}"),
-            (self.schedule in SCHEDULES, f"unknown MIA schedule '{self.schedule}'",
-             f"choose one of: {', '.join(SCHEDULES)}"),
-            (self.step1_objectives in STEP1_OBJECTIVES, f"unknown step1_objectives '{self.step1_objectives}'",
-             f"choose one of: {', '.join(STEP1_OBJECTIVES)}"),
-            (self.step2_objectives in STEP2_OBJECTIVES, f"unknown step2_objectives '{self.step2_objectives}'",
-             f"choose one of: {', '.join(STEP2_OBJECTIVES)}"),
+            one_of("backbone", self.backbone, BACKBONES),
+            one_of("MIA units", self.units, UNITS),
+            one_of("MIA score", self.score, SCORES),
+            one_of("MIA schedule", self.schedule, SCHEDULES),
+            one_of("step1_objectives", self.step1_objectives, STEP1_OBJECTIVES),
+            one_of("step2_objectives", self.step2_objectives, STEP2_OBJECTIVES),
             (self.global_contrast or self.relation or self.fine, "MIA needs at least one granularity",
              "enable global_contrast, relation or fine"),
             (score_needs.get(self.score, True), f"MIA score '{self.score}' needs its granularity enabled",
@@ -190,6 +185,13 @@ def unit_features(units: Tensor, name: str, mlps: dict[str, Callable[[Tensor], T
     once per item here rather than once per (text, image) pair when scoring."""
     feats = {name: units, f"{name}_gram": units @ units.transpose(1, 2)}
     return feats | {f"{prefix}_{name}": F.normalize(mlp(units), dim=-1) for prefix, mlp in mlps.items()}
+
+
+def _with_unit_global(feats: Features) -> Features:
+    """`feats` plus "global_unit", the L2-normalised "global" (once per item; idempotent)."""
+    if "global_unit" in feats:
+        return feats
+    return feats | {"global_unit": F.normalize(feats["global"], dim=-1)}
 
 
 def _diag_norms(gram: Tensor) -> Tensor:
@@ -322,10 +324,18 @@ class MIA(PairwiseMethod):
         return feats
 
     # ---- the five similarities ----------------------------------------------------------------------
+    def text_side(self, text: Features) -> Features:
+        """Adds the unit-length sentence vector T̂ "global_unit" (cosines only ever read it)."""
+        return _with_unit_global(super().text_side(text))
+
+    def image_side(self, image: Features) -> Features:
+        """Adds the unit-length global image vector Î "global_unit"."""
+        return _with_unit_global(super().image_side(image))
+
     def _relation(self, text: Features, image: Features, layout: att.Layout) -> dict[str, Tensor]:
         """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11)."""
-        t_hat = F.normalize(text["global"], dim=-1)[..., None, :]  # [.., 1, d]
-        i_hat = F.normalize(image["global"], dim=-1)[..., None, :]
+        t_hat = text["global_unit"][..., None, :]  # [.., 1, d]
+        i_hat = image["global_unit"][..., None, :]
         phrases, mask = text["phrases"], text["phrases_mask"]
         v = torch.softmax(att.cross_dots(t_hat, image["rga_parts"], layout), -1)  # eq. 6, [..., 1, n]
         dots = att.cross_dots(t_hat, image["parts"], layout)  # P_i · T̂
@@ -360,9 +370,11 @@ class MIA(PairwiseMethod):
     ) -> dict[str, Tensor]:
         """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), one per pair of the layout,
         plus the attention weights of the modules computed."""
+        text, image = self.text_side(text), self.image_side(image)
         out: dict[str, Tensor] = {}
         if "s_G" in which:  # eq. 4
-            out["s_G"] = att.cross_cosine(text["global"], image["global"], layout)
+            t, i = text["global_unit"][..., None, :], image["global_unit"][..., None, :]
+            out["s_G"] = att.cross_dots(t, i, layout)[..., 0, 0]
         if which & {"s_I", "s_T"}:
             out |= self._relation(text, image, layout)
         if which & {"s_P", "s_N"}:

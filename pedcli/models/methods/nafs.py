@@ -84,6 +84,7 @@ from pedcli.models.methods.base import (
     Features,
     Stage,
     index_features,
+    one_of,
     register_method,
     require,
 )
@@ -146,8 +147,7 @@ class NAFSConfig:
         pairs = zip(IMAGE_SCALES, TEXT_SCALES, strict=True)
         paired = [(i in self.image_scales) == (t in self.text_scales) for i, t in pairs]
         checks = [
-            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
-             f"choose one of: {', '.join(BACKBONES)}"),
+            one_of("backbone", self.backbone, BACKBONES),
             (bool(self.image_scales) and set(self.image_scales) <= set(IMAGE_SCALES)
              and "global" in self.image_scales,
              f"NAFS image_scales must include 'global' and come from {IMAGE_SCALES}, got {self.image_scales}",
@@ -156,8 +156,7 @@ class NAFSConfig:
              and "sentence" in self.text_scales,
              f"NAFS text_scales must include 'sentence' and come from {TEXT_SCALES}, got {self.text_scales}",
              "Table 2 uses [sentence], [sentence, word] or all three"),
-            (self.alignment in ALIGNMENTS, f"unknown NAFS alignment '{self.alignment}'",
-             f"choose one of: {', '.join(ALIGNMENTS)}"),
+            one_of("NAFS alignment", self.alignment, ALIGNMENTS),
             (self.alignment == "joint" or all(paired),
              "NAFS separate alignment pairs global↔sentence, region↔sub-sentence, patch↔word: "
              f"image_scales {self.image_scales} and text_scales {self.text_scales} do not pair up",
@@ -165,10 +164,8 @@ class NAFSConfig:
             (self.staircase or not self.split_shuffle,
              "NAFS split_shuffle shuffles the stripes entering the staircase branches",
              "set split_shuffle=false when staircase=false"),
-            (self.test_score in TEST_SCORES, f"unknown NAFS test_score '{self.test_score}'",
-             f"choose one of: {', '.join(TEST_SCORES)}"),
-            (self.text_encoder in TEXT_ENCODERS, f"unknown NAFS text_encoder '{self.text_encoder}'",
-             f"choose one of: {', '.join(TEXT_ENCODERS)}"),
+            one_of("NAFS test_score", self.test_score, TEST_SCORES),
+            one_of("NAFS text_encoder", self.text_encoder, TEXT_ENCODERS),
             (self.text_encoder == "bert" or "subsentence" not in self.text_scales,
              "NAFS sub-sentence features come from the locality-constrained BERT's [CLS] tokens",
              "with text_encoder=bilstm use text_scales=[sentence] or [sentence, word]"),
@@ -177,8 +174,7 @@ class NAFSConfig:
              "NAFS with only global features has nothing for the non-local attention to align (Table 2 "
              "\"Global\" trains with CMPM and CMPC alone)",
              "add nonlocal_attention=false, or more image_scales / text_scales"),
-            (self.attention_norm in ATTENTION_NORMS, f"unknown NAFS attention_norm '{self.attention_norm}'",
-             f"choose one of: {', '.join(ATTENTION_NORMS)}"),
+            one_of("NAFS attention_norm", self.attention_norm, ATTENTION_NORMS),
             (min(self.embed_dim, self.region_stripes, self.patch_stripes, self.rvn_neighbours) > 0
              and self.lambda_softmax > 0 and self.csal_temperature > 0,
              "NAFS embed_dim, stripes, rvn_neighbours, lambda_softmax and csal_temperature must be positive",

@@ -60,6 +60,7 @@ from pedcli.models.methods.base import (
     Features,
     Stage,
     index_features,
+    one_of,
     register_method,
     require,
 )
@@ -103,12 +104,9 @@ class PMAConfig:
     def __post_init__(self) -> None:
         self.pose_widths = tuple(int(w) for w in self.pose_widths)  # a JSON config gives a list
         checks = [
-            (self.backbone in BACKBONES, f"unknown backbone '{self.backbone}'",
-             f"choose one of: {', '.join(BACKBONES)}"),
-            (self.ca_attention in CA_ATTENTIONS, f"unknown PMA ca_attention '{self.ca_attention}'",
-             f"choose one of: {', '.join(CA_ATTENTIONS)}"),
-            (self.fa_units in FA_UNITS, f"unknown PMA fa_units '{self.fa_units}'",
-             f"choose one of: {', '.join(FA_UNITS)}"),
+            one_of("backbone", self.backbone, BACKBONES),
+            one_of("PMA ca_attention", self.ca_attention, CA_ATTENTIONS),
+            one_of("PMA fa_units", self.fa_units, FA_UNITS),
             (len(self.pose_widths) == 4 and min(self.pose_widths) > 0,
              f"PMA pose_widths must be four positive widths, got {self.pose_widths}",
              "the paper's pose CNN is (64, 128, 256, 256)"),
@@ -442,9 +440,9 @@ class PMA(PairwiseMethod):
             if self.cfg.fine and self.cfg.fa_pose:
                 alpha = self._fine_pose(text, image, layout="all")[1]  # [ni, 6 parts, phrases]
                 links, parts = as_array(alpha[0][..., text["phrases_mask"][0]].transpose(1, 2)), list(PARTS)
-            if not self.cfg.coarse and links is None:
-                return None
-            if not self.cfg.coarse:
+            if not self.cfg.coarse:  # no regions without CA: the phrase → part links alone, if any
+                if links is None:
+                    return None
                 return Explanation("noun phrases over body parts", parts=parts, links=links)
             _, s, w = self._coarse(text, image, layout="all")
             return Explanation(
