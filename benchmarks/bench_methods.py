@@ -135,24 +135,17 @@ def run_one(job: Job, cache: Path, out: Path, env: dict[str, str], quiet: bool) 
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run = out / "runs" / job.name
-    clock = out / "runs" / f"{job.name}.seconds"  # train seconds of every attempt, so resumes add up
-    cmd = [
-        PED,
-        "train",
-        "--method",
-        job.method,
-        "--cache",
-        str(cache),
-        "--run",
-        str(run),
-        "--seed",
-        str(job.seed),
-    ]
+    clock = out / "runs" / f"{job.name}.seconds"  # train seconds of all attempts, so resumes add up
+    cmd = [PED, "train", "--method", job.method, "--cache", str(cache), "--run", str(run),
+           "--seed", str(job.seed)]  # fmt: skip
     cmd += [a for kv in job.sets for a in ("--set", kv)] + (["--resume"] if run.exists() else [])
     t0 = time.perf_counter()
-    sh(cmd + (["--quiet"] if quiet else []), env, quiet)
-    spent = float(clock.read_text()) if clock.is_file() else 0.0
-    write_text_atomic(clock, f"{spent + time.perf_counter() - t0:.1f}")
+    try:
+        sh(cmd + (["--quiet"] if quiet else []), env, quiet)
+    finally:  # a killed attempt's time counts too
+        spent = float(clock.read_text()) if clock.is_file() else 0.0
+        clock.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(clock, f"{spent + time.perf_counter() - t0:.1f}")
     metrics = run / "test-metrics.json"
     sh([PED, "eval", "--run", str(run), "--split", "test", "--out", str(metrics)], env, quiet=True)
     m = json.loads(metrics.read_text())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -94,21 +92,6 @@ def test_a_cache_opened_once_is_shared_by_every_reader(
     assert data_info(cache).vocab_size == 20 and split_pids(cache, "val").tolist() == sorted(TINY_IDS["val"])
     # the image table and the vocabulary are read once; each dataset reads only its own caption rows
     assert opened.count("images.h5") == 1 and opened.count("text.h5") == 1 + 2
-
-
-def test_data_text_and_pose_import_no_higher_layer() -> None:
-    """The layering rule: data/, text/ and pose/ never import models/ or engine/, and data/ not pose/."""
-    code = (
-        "import sys, pedcli.data.cache, pedcli.data.dataset, pedcli.data.formats, pedcli.text, "
-        "pedcli.pose.keypoints; print(sorted(m for m in sys.modules if m.startswith(('pedcli.models', "
-        "'pedcli.engine'))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-    code = "import sys, pedcli.data.dataset, pedcli.data.formats; print('pedcli.pose' in sys.modules)"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    )
 
 
 def test_flip_mirrors_image_and_swaps_pose_channels(tiny_cache: Path) -> None:

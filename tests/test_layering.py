@@ -19,17 +19,19 @@ import pedcli
 from pedcli.models import methods
 
 ROOT = Path(pedcli.__file__).parent
-UPPER = ("pedcli.models", "pedcli.engine", "pedcli.serve", "pedcli.cli")
+CLI = ("pedcli.cli", "pedcli.cli_options", "pedcli.cli_views")  # the CLI layer: the app and its helpers
+UPPER = ("pedcli.models", "pedcli.engine", "pedcli.serve", *CLI)
 # package → the pedcli modules it must not import (a name covers its submodules)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "pedcli.errors": ("pedcli.data", "pedcli.text", "pedcli.pose", *UPPER),
     "pedcli.fileio": ("pedcli.data", "pedcli.text", "pedcli.pose", *UPPER),
+    "pedcli.logs": ("pedcli.data", "pedcli.text", "pedcli.pose", *UPPER),
     "pedcli.data": ("pedcli.text", "pedcli.pose", *UPPER),
     "pedcli.text": ("pedcli.pose", *UPPER),
     "pedcli.pose": ("pedcli.text", *UPPER),
-    "pedcli.models": ("pedcli.engine", "pedcli.serve", "pedcli.cli"),
-    "pedcli.engine": ("pedcli.serve", "pedcli.cli"),
-    "pedcli.serve": ("pedcli.cli",),
+    "pedcli.models": ("pedcli.engine", "pedcli.serve", *CLI),
+    "pedcli.engine": ("pedcli.serve", *CLI),
+    "pedcli.serve": CLI,
 }
 METHOD_API = {"pedcli.models.methods", "pedcli.models.methods.base"}  # what the engine may import of methods
 

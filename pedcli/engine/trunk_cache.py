@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from pedcli.data.cache import Cache
 from pedcli.data.dataset import ImageDataset, collate
 from pedcli.engine.batching import LoaderOptions, move_batch, precision
 from pedcli.engine.distributed import DistContext
@@ -120,7 +121,7 @@ def _fill(
 
 def open_trunk_cache(
     method: Method,
-    cache: str | Path,
+    cache: str | Path | Cache,
     split: str,
     flips: Sequence[bool],
     folder: Path,
@@ -143,7 +144,7 @@ def open_trunk_cache(
 
 def _build(
     method: Method,
-    cache: str | Path,
+    cache: str | Path | Cache,
     split: str,
     flips: list[bool],
     final: Path,

