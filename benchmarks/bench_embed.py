@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import models
 
 from pedcli.engine.embed import for_inference, image_batch
-from pedcli.engine.gallery import GalleryCache
+from pedcli.engine.search.gallery import GalleryCache
 from pedcli.models.methods.base import DataInfo, create_method
 
 

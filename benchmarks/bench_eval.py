@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pedcli.engine.metrics import bidirectional_metrics
-from pedcli.engine.rerank import kreciprocal, rvn
-from pedcli.engine.scoring import score_matrix, two_stage_scores
+from pedcli.engine.retrieval.metrics import bidirectional_metrics
+from pedcli.engine.retrieval.rerank import kreciprocal, rvn
+from pedcli.engine.retrieval.scoring import score_matrix, two_stage_scores
 from pedcli.models.methods.base import DataInfo, Features, Method
 
 

@@ -4,7 +4,8 @@ the cost of adding 1,000 images.
 Synthetic features stand in for a gallery (scale is what is measured, not accuracy): float16 "global"
 vectors drawn around one centre per identity (10 images each), like a trained model's embeddings, written
 as the gallery store's memory-mapped row file; queries are noisy copies of random identities' centres.
-Per size, with the `--index auto` choice (faiss = IVF-SQfp16 up to 2M, sq8 above; see engine/index.py):
+Per size, with the `--index auto` choice (faiss = IVF-SQfp16 up to 2M, sq8 above;
+see engine/retrieval/index.py):
 - build s: the one-off index build (training the coarse quantiser + adding every row);
 - open ms: opening the store's row file and the saved index (memory-mapped; page cache warm);
 - query ms med/p95: everything `ped query` does per query after encoding the sentence (shortlist the
@@ -29,9 +30,9 @@ import faiss
 import numpy as np
 import torch
 
-from pedcli.engine.gallery import GalleryFeatures
-from pedcli.engine.index import FaissIndex, choose_index, flat_search, store_index
-from pedcli.engine.query import DEFAULT_RERANK_TOP, rank_query, shortlist_rows
+from pedcli.engine.retrieval.index import FaissIndex, choose_index, flat_search, store_index
+from pedcli.engine.search.gallery import GalleryFeatures
+from pedcli.engine.search.query import DEFAULT_RERANK_TOP, rank_query, shortlist_rows
 from pedcli.models.methods.base import DataInfo, create_method
 
 _METHOD = create_method("baseline", DataInfo(num_classes=2, vocab_size=4), {"pretrained": "none"})

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pedcli.engine.scoring import score_matrix, two_stage_scores
+from pedcli.engine.retrieval.scoring import score_matrix, two_stage_scores
 from pedcli.models.methods import mia
 from pedcli.models.methods.base import DataInfo, Features, Method, create_method
 

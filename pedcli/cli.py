@@ -386,8 +386,8 @@ def query(
     force: bool = typer.Option(False, "--force", help="Replace an --html file that pedcli did not write."),
 ) -> None:
     """Rank the images of a folder by a sentence; features are cached, so later queries are fast."""
-    from pedcli.engine.query import query_gallery, read_queries
-    from pedcli.engine.report import dump_json, is_query_page, print_tables, write_html
+    from pedcli.engine.search.query import query_gallery, read_queries
+    from pedcli.engine.search.report import dump_json, is_query_page, print_tables, write_html
     from pedcli.fileio import check_output
 
     if html is not None:  # before the gallery is embedded, not after

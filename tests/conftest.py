@@ -123,3 +123,11 @@ def tiny_train(cache: Path, run: Path, **options):
 
     opts = {"epochs": 2, "batch_size": 8} | options
     return train("baseline", cache, run, method_options=TINY_BASELINE, options=opts, seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny baseline run, one epoch per stage, read-only: for query and serve mechanics, not accuracy."""
+    run = tmp_path_factory.mktemp("trained_run") / "run"
+    tiny_train(tiny_cache, run, epochs=1)
+    return run

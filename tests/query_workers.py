@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pedcli.engine.gallery import GalleryCache
+from pedcli.engine.search.gallery import GalleryCache
 
 
 def mean_colour(_method: object, arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def sync_then_die(gallery: str, root: str, where: str) -> None:
     import os
     import signal
 
-    from pedcli.engine import gallery as gallery_mod
+    from pedcli.engine.search import gallery as gallery_mod
 
     batches = []
 

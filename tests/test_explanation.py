@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pedcli.engine.explain_view import View, views
+from pedcli.engine.search.explain_view import View, views
 from pedcli.models.explanation import Explanation, as_array
 
 

@@ -33,9 +33,9 @@ from pedcli.data.cache import META, load_cache_info, part_digest, part_path
 from pedcli.data.formats import load_records, validate_records
 from pedcli.data.images import load_rgb
 from pedcli.engine import preprocess as pp
-from pedcli.engine.query import QueryReport, QueryResult, text_pipeline
-from pedcli.engine.report import print_tables, to_json
 from pedcli.engine.runs import checkpoint_path, load_run, read_config, save_checkpoint
+from pedcli.engine.search.query import QueryReport, QueryResult, text_pipeline
+from pedcli.engine.search.report import print_tables, to_json
 from pedcli.errors import PedError
 from pedcli.fileio import write_text_atomic
 
@@ -182,7 +182,7 @@ def test_4_query_refuses_unknown_words_only(run: Path, tmp_path: Path) -> None:
 
 
 def _report(query: str, path: Path, unknown: list[str]) -> QueryReport:
-    from pedcli.engine.query import Match
+    from pedcli.engine.search.query import Match
 
     result = QueryResult(query, [Match(1, 0.5, path)], [], unknown)
     return QueryReport(path.parent, path.parent, "baseline", path.parent, "flat", 1, 0, [result])

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from query_workers import mean_colour
 
-from pedcli.engine import gallery as gallery_mod
-from pedcli.engine.gallery import GalleryCache, GalleryFeatures, find_images
-from pedcli.engine.query import shortlist_rows
+from pedcli.engine.search import gallery as gallery_mod
+from pedcli.engine.search.gallery import GalleryCache, GalleryFeatures, find_images
+from pedcli.engine.search.query import shortlist_rows
 
 TESTS = Path(__file__).parent
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pedcli.engine import index as index_mod
-from pedcli.engine.index import FaissIndex, choose_index, flat_search, search_store
+from pedcli.engine.retrieval import index as index_mod
+from pedcli.engine.retrieval.index import FaissIndex, choose_index, flat_search, search_store
 
 
 def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:

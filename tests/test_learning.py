@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from pedcli.engine.embed import encode_split
-from pedcli.engine.metrics import retrieval_metrics
+from pedcli.engine.retrieval.metrics import retrieval_metrics
+from pedcli.engine.retrieval.scoring import score_matrix
 from pedcli.engine.runs import data_info_from_config, load_run, read_config
-from pedcli.engine.scoring import score_matrix
 from pedcli.engine.train import train
 from pedcli.models.methods.base import Method, create_method
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pedcli.engine.metrics import bidirectional_metrics, rank_order, retrieval_metrics, top_k_order
+from pedcli.engine.retrieval.metrics import bidirectional_metrics, rank_order, retrieval_metrics, top_k_order
 from pedcli.errors import PedError
 
 # 3 text queries × 5 gallery images. Worked by hand (ranks are 1-based; ties keep gallery order):

@@ -15,20 +15,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train
 from PIL import Image
 from query_workers import mean_colour, sync_gallery
 from typer.testing import CliRunner
 
 from pedcli.cli import app
 from pedcli.data.cache import part_path
-from pedcli.engine import gallery as gallery_mod
-from pedcli.engine import query as query_mod
 from pedcli.engine.embed import embed_images
-from pedcli.engine.explain_view import View
-from pedcli.engine.gallery import CACHE_DIRNAME, GalleryCache, find_images
-from pedcli.engine.index import FaissIndex, flat_search, top_k
-from pedcli.engine.query import (
+from pedcli.engine.retrieval.index import FaissIndex, flat_search, top_k
+from pedcli.engine.runs import load_run, read_config
+from pedcli.engine.search import gallery as gallery_mod
+from pedcli.engine.search import query as query_mod
+from pedcli.engine.search.explain_view import View
+from pedcli.engine.search.gallery import CACHE_DIRNAME, GalleryCache, find_images
+from pedcli.engine.search.query import (
     QueryReport,
     QueryResult,
     query_gallery,
@@ -36,20 +36,11 @@ from pedcli.engine.query import (
     similar_files,
     text_pipeline,
 )
-from pedcli.engine.report import to_html, to_json
-from pedcli.engine.runs import load_run, read_config
+from pedcli.engine.search.report import to_html, to_json
 from pedcli.errors import PedError
 from pedcli.text.vocab import UNK_ID
 
 QUERY = "w3 w5 w7 w2"
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The train tests' tiny baseline run, one epoch per stage (query mechanics only)."""
-    run = tmp_path_factory.mktemp("query_run") / "run"
-    tiny_train(tiny_cache, run, epochs=1)
-    return run
 
 
 def cache_images(cache: Path) -> np.ndarray:
@@ -354,7 +345,7 @@ def test_device_reaches_every_encoder_call(
     import pedcli.engine.distributed as distributed_mod
     import pedcli.engine.embed as embed_mod
     import pedcli.engine.evaluate as evaluate_mod
-    import pedcli.engine.query as query_mod
+    import pedcli.engine.search.query as query_mod
 
     probes: list[DeviceProbe] = []
 

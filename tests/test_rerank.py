@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from pedcli.engine import rerank
-from pedcli.engine.metrics import rank_order, retrieval_metrics
-from pedcli.engine.rerank import kreciprocal, rvn
-from pedcli.engine.scoring import cosine_matrix
+from pedcli.engine.retrieval import rerank
+from pedcli.engine.retrieval.metrics import rank_order, retrieval_metrics
+from pedcli.engine.retrieval.rerank import kreciprocal, rvn
+from pedcli.engine.retrieval.scoring import cosine_matrix
 
 
 def unit(*degrees: float) -> torch.Tensor:

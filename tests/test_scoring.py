@@ -6,8 +6,14 @@ import pytest
 import torch
 from toy_method import ToyMethod, random_features
 
-from pedcli.engine.metrics import rank_order, retrieval_metrics
-from pedcli.engine.scoring import cosine_matrix, score_matrix, shortlist, shortlist_scores, two_stage_scores
+from pedcli.engine.retrieval.metrics import rank_order, retrieval_metrics
+from pedcli.engine.retrieval.scoring import (
+    cosine_matrix,
+    score_matrix,
+    shortlist,
+    shortlist_scores,
+    two_stage_scores,
+)
 from pedcli.errors import PedError
 from pedcli.models.methods.base import Method
 

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train
 from PIL import Image
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from pedcli.cli import app as cli_app
-from pedcli.engine import gallery as gallery_mod
-from pedcli.engine.query import query_gallery
+from pedcli.engine.search import gallery as gallery_mod
+from pedcli.engine.search.query import query_gallery
 from pedcli.errors import PedError
 from pedcli.serve.app import create_app
 from pedcli.serve.probe import load, start_server, stop_server
@@ -24,14 +23,6 @@ from pedcli.serve.service import SearchService, catalogue_id
 
 QUERY = "w3 w5 w7 w2"
 HTML_NAME = "<img src=x onerror=alert(1)>.png"
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny baseline run (query mechanics only, not a useful model)."""
-    run = tmp_path_factory.mktemp("serve_run") / "run"
-    tiny_train(tiny_cache, run, epochs=1)
-    return run
 
 
 def write_gallery(out: Path, n: int, seed: int = 0) -> list[Path]:

@@ -18,10 +18,10 @@ import torch
 
 from pedcli.engine.distributed import resolve_device
 from pedcli.engine.embed import encode_split, load_embeddings, run_cache
-from pedcli.engine.metrics import DEFAULT_KS, retrieval_metrics
-from pedcli.engine.rerank import kreciprocal, rvn
+from pedcli.engine.retrieval.metrics import DEFAULT_KS, retrieval_metrics
+from pedcli.engine.retrieval.rerank import kreciprocal, rvn
+from pedcli.engine.retrieval.scoring import score_matrix, two_stage_scores
 from pedcli.engine.runs import load_run, resolve_checkpoint
-from pedcli.engine.scoring import score_matrix, two_stage_scores
 from pedcli.errors import PedError
 from pedcli.fileio import check_output, sha256_file, write_json_atomic
 from pedcli.models.methods.base import Features, Method

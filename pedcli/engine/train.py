@@ -46,8 +46,8 @@ from pedcli.engine.augment import AUGMENTATIONS, augment_batch
 from pedcli.engine.batching import LoaderOptions, move_batch, precision
 from pedcli.engine.distributed import DistContext, setup, teardown
 from pedcli.engine.embed import encode_split
-from pedcli.engine.metrics import retrieval_metrics
-from pedcli.engine.scoring import score_matrix
+from pedcli.engine.retrieval.metrics import retrieval_metrics
+from pedcli.engine.retrieval.scoring import score_matrix
 from pedcli.engine.stages import (
     build_optimizer,
     build_scheduler,

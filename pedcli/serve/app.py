@@ -29,7 +29,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pedcli.engine.report import thumbnail_jpeg
+from pedcli.engine.search.report import thumbnail_jpeg
 from pedcli.errors import PedError
 from pedcli.serve.service import SearchService
 

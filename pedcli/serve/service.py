@@ -5,7 +5,7 @@ Images are known to the web layer only by a catalogue id (a hash of the file's p
 gallery, stable across syncs); a request can never name a path. Every search first syncs the gallery
 incrementally (an unchanged gallery costs one stat per file and no catalogue access), so new files are
 found without a restart; concurrent searches share one sync. The searching itself is the library's
-(`search_texts`, `similar_files` of `pedcli.engine.query`), shared with `ped query`.
+(`search_texts`, `similar_files` of `pedcli.engine.search.query`), shared with `ped query`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from pedcli.engine.distributed import resolve_device
-from pedcli.engine.gallery import GalleryFeatures, Progress, encode_arrays
-from pedcli.engine.query import (
+from pedcli.engine.runs import METRICS, load_run, resolve_checkpoint
+from pedcli.engine.search.gallery import GalleryFeatures, Progress, encode_arrays
+from pedcli.engine.search.query import (
     Hit,
     Match,
     QueryReport,
@@ -34,8 +35,7 @@ from pedcli.engine.query import (
     similar_files,
     text_pipeline,
 )
-from pedcli.engine.report import to_json
-from pedcli.engine.runs import METRICS, load_run, resolve_checkpoint
+from pedcli.engine.search.report import to_json
 from pedcli.errors import PedError
 from pedcli.fileio import sha256_bytes
 from pedcli.models.methods.base import Features, Method

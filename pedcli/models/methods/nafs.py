@@ -28,7 +28,7 @@ paper and the release differ and an option says so.
   patches↔words).
 - Losses (eq. 7): λ2·CMPM + λ3·CMPC on the global-branch / sentence features and λ4·CSAL on the
   attention scores, with λ2, λ3, λ4 = 1, 1, 0.1 (§4.1). Re-ranking by visual neighbours (eq. 8) is
-  post-processing in `pedcli.engine.rerank.rvn`; `default_rerank` tells `ped eval` to apply it.
+  post-processing in `pedcli.engine.retrieval.rerank.rvn`; `default_rerank` tells `ped eval` to apply it.
 - Table 4 row 1 ("baseline"): `text_encoder=bilstm` (a word embedding and a bi-LSTM on the word
   tokens: its sentence vector, and its word states as the word scale), with `staircase=false`,
   `nonlocal_attention=false`, `image_scales=[global]`, `text_scales=[sentence]`.

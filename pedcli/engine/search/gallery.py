@@ -10,7 +10,7 @@ user cannot write → `<user cache dir>/pedcli/galleries/<gallery slug>/`, see `
       contents(model, sha, row, failed)       content → its feature row, or why it does not decode
     <model-key>/feat.<gen>.<key>.bin   raw row-major arrays (floats as float16), opened memory-mapped
     <model-key>/norms.<gen>.bin        float32 1/‖global‖ per row: the exact scan's normaliser
-    <model-key>/<name>.<gen>.<...>     files derived from one generation (the faiss index: engine/index.py)
+    <model-key>/<name>.<gen>.<...>     files derived from one generation (faiss index: retrieval/index.py)
 
 Rows are keyed by file *content* (sha256), so renamed or copied files reuse their features and an edited
 file gets new ones. A sync hashes the files, embeds the contents the store lacks (holding no lock), then

@@ -1,6 +1,6 @@
 """Turn a method's `Explanation` into what a result page draws for each matched image: a heat grid over
 the image and the text units with the part each one matched (as the papers' figures show). The static
-HTML report (`pedcli.engine.report`) and `ped serve` both draw from `View`.
+HTML report (`pedcli.engine.search.report`) and `ped serve` both draw from `View`.
 """
 
 from __future__ import annotations

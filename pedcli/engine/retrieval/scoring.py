@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pedcli.engine.metrics import top_k_order
+from pedcli.engine.retrieval.metrics import top_k_order
 from pedcli.errors import PedError
 from pedcli.models.methods.base import Features, Method, index_features
 

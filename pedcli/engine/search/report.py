@@ -25,8 +25,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from pedcli.data.images import load_rgb
-from pedcli.engine.explain_view import View
-from pedcli.engine.query import QueryReport
+from pedcli.engine.search.explain_view import View
+from pedcli.engine.search.query import QueryReport
 from pedcli.fileio import write_text_atomic
 
 QUERY_JSON_FORMAT = 1

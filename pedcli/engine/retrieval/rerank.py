@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pedcli.engine.scoring import cosine_matrix, shortlist
+from pedcli.engine.retrieval.scoring import cosine_matrix, shortlist
 
 # Elements of the per-chunk gathers ([rows, neighbours, list length] or [rows, n_gallery]): ~16 M, tens of MB.
 GATHER_ELEMENTS = 1 << 24

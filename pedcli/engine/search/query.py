@@ -2,10 +2,10 @@
 
 1. The run's method and its text pipeline (vocab.json + the text options in config.json): a query goes
    through exactly what the training captions went through.
-2. The gallery's features from the per-model cache (`pedcli.engine.gallery`): only new or changed images
-   are embedded; unreadable ones are reported and skipped.
-3. A shortlist by cosine of the "global" features (`pedcli.engine.index`: exact flat scan or faiss IVF),
-   then the method's exact score of the shortlisted pairs (`pair_similarity`, the two-stage scoring of
+2. The gallery's features from the per-model cache (`pedcli.engine.search.gallery`): only new or changed
+   images are embedded; unreadable ones are reported and skipped.
+3. A shortlist by cosine of the "global" features (`pedcli.engine.retrieval.index`: exact flat scan or faiss
+   IVF), then the method's exact score of the shortlisted pairs (`pair_similarity`, the two-stage scoring of
    `ped eval --rerank-top`). For embedding methods (global cosine) the second stage changes nothing; for
    cross-attention methods it is the real score. A gallery no larger than the shortlist is scored whole.
 4. `--min-score` cuts the ranking, so "no match" is an answer; `--top K` keeps the K best.
@@ -27,11 +27,11 @@ import torch
 from pedcli.data.dataset import TEXT_BATCH_KEYS
 from pedcli.engine.distributed import setup, teardown
 from pedcli.engine.embed import for_inference
-from pedcli.engine.explain_view import View, views
-from pedcli.engine.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
-from pedcli.engine.index import choose_index, normalize_rows, search_store
+from pedcli.engine.retrieval.index import choose_index, normalize_rows, search_store
+from pedcli.engine.retrieval.scoring import shortlist_scores
 from pedcli.engine.runs import VOCAB, load_run, resolve_checkpoint
-from pedcli.engine.scoring import shortlist_scores
+from pedcli.engine.search.explain_view import View, views
+from pedcli.engine.search.gallery import GalleryCache, GalleryFeatures, cache_root, checkpoint_sha, model_key
 from pedcli.errors import PedError
 from pedcli.models.methods.base import Batch, Features, Method, index_features
 from pedcli.text.pipeline import TextPipeline
