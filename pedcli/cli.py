@@ -63,11 +63,6 @@ def _newest_run(checkpoint: str) -> Path:
     return _picked(pick_run(checkpoint=checkpoint), "using run")
 
 
-def _plain(message: str) -> None:
-    """Print a library message as it is: paths and user text are never Rich markup."""
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ped {__version__}")
@@ -389,16 +384,18 @@ def query(
     from pedcli.engine.search.query import query_gallery, read_queries
     from pedcli.engine.search.report import dump_json, is_query_page, print_tables, write_html
     from pedcli.fileio import check_output
+    from pedcli.logs import log_to
 
     if html is not None:  # before the gallery is embedded, not after
         check_output(html, "ped query HTML page", is_query_page, force)
     sentences = list(text or []) + (read_queries(queries) if queries is not None else [])
     run = run or _newest_run(checkpoint)
-    report = query_gallery(
-        run, gallery, sentences, top=top, min_score=min_score, index=index, rerank_top=rerank_top,
-        cache_dir=cache_dir, checkpoint=checkpoint, batch_size=batch_size, device=device,
-        explain=html is not None, log=_plain,
-    )  # fmt: skip
+    with log_to(console=console):
+        report = query_gallery(
+            run, gallery, sentences, top=top, min_score=min_score, index=index, rerank_top=rerank_top,
+            cache_dir=cache_dir, checkpoint=checkpoint, batch_size=batch_size, device=device,
+            explain=html is not None,
+        )  # fmt: skip
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun the ranks shared the embedding; rank 0 reports
         return
     for path, reason in report.skipped:
@@ -429,20 +426,21 @@ def serve(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if any)."),
 ) -> None:
     """Search a gallery from the browser: a page and a JSON API (/api/search, /api/similar/ID)."""
+    from pedcli.logs import log_to
     from pedcli.serve.server import check_listen, run_server
     from pedcli.serve.service import SearchService
 
     check_listen(host, token)  # before loading anything: a refused --host fails fast
-    service = SearchService(
-        run or _newest_run(checkpoint),
-        gallery,
-        checkpoint=checkpoint,
-        cache_dir=cache_dir,
-        device=device,
-        batch_size=batch_size,
-        log=lambda m: console.print(m, markup=False, highlight=False),
-    )
-    run_server(service, host, port, token, console)
+    with log_to(console=console):  # the gallery's messages, at start and from later syncs
+        service = SearchService(
+            run or _newest_run(checkpoint),
+            gallery,
+            checkpoint=checkpoint,
+            cache_dir=cache_dir,
+            device=device,
+            batch_size=batch_size,
+        )
+        run_server(service, host, port, token, console)
 
 
 # ---- ped runs ----------------------------------------------------------------------------------------

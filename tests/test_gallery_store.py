@@ -4,6 +4,7 @@ old generation stays beside the store (item 13). The stand-in encoder (mean RGB)
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
@@ -33,9 +34,8 @@ def write_images(folder: Path, n: int, start: int = 0, suffix: str = "png") -> l
     return out
 
 
-def sync(gal: Path, root: Path, log: list[str] | None = None) -> GalleryFeatures:
-    logged = log if log is not None else []
-    return GalleryCache(gal, root, "model").sync(None, mean_colour, 2, log=logged.append)  # type: ignore[arg-type]
+def sync(gal: Path, root: Path) -> GalleryFeatures:
+    return GalleryCache(gal, root, "model").sync(None, mean_colour, 2)  # type: ignore[arg-type]
 
 
 def colours(feats: GalleryFeatures) -> dict[str, float]:
@@ -118,7 +118,7 @@ def test_same_size_replacement_with_restored_mtime_is_seen(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("damage", ["catalogue", "row files"])
-def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str) -> None:
+def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 10 item 11: a damaged store used to be fatal (or a traceback); now it is rebuilt, with a
     message. Every file of the kind is damaged, so the test holds whatever the store's layout."""
     gal, root = tmp_path / "gallery", tmp_path / "cache"
@@ -129,8 +129,9 @@ def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str) -> None:
             f.write_bytes(b"this is not a catalogue " * 50)
         elif damage == "row files" and f.suffix in (".bin", ".npy"):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    log: list[str] = []
-    feats = sync(gal, root, log)
+    with caplog.at_level(logging.INFO, logger="pedcli"):
+        feats = sync(gal, root)
+    log = [r.getMessage() for r in caplog.records]
     assert colours(feats) == expected(gal) and feats.embedded == 4
     assert any("damaged" in line and "rebuilding" in line for line in log), log
     assert sync(gal, root).embedded == 0  # and the rebuilt store is kept
@@ -208,7 +209,7 @@ def test_an_unchanged_gallery_is_synced_without_the_catalogue(tmp_path: Path, mo
     first = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
     opened: list[Path] = []
     real = gallery_mod._open_catalog
-    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r, log: opened.append(r) or real(r, log))
+    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r: opened.append(r) or real(r))
     again = cache.sync(None, mean_colour, 2)  # type: ignore[arg-type]
     assert opened == [] and again.embedded == 0 and colours(again) == colours(first) == expected(gal)
     st = files[1].stat()

@@ -9,7 +9,7 @@ equations; this file tests what the engine relies on whatever the method:
   and none depends on how the engine chunks or on float16 storage of the image features;
 - scores ignore padding: extra padding in a caption, and the other items of a batch (`ped embed` pads
   each batch to its longest caption, then zero-pads the batches to one width);
-- `explain` gives None or an `Explanation` of every image;
+- `explain` gives None or an `Explanation` of every image; `default_rerank` names a re-ranker that runs;
 - the frozen-trunk cache (`image_trunk` → `batch["trunk"]`) gives every feature of the full forward pass,
   and images need pose maps only when `needs_pose` says so;
 - bad options are refused with a clear message (what is wrong, and a fix);
@@ -29,6 +29,7 @@ import torch
 from method_batch import TINY_INFO, TINY_LENGTHS, repad, tiny_batch, with_phrases, with_pose, with_word_pieces
 
 from pedcli.engine.embed import stack_padded
+from pedcli.engine.evaluate import RERANKERS
 from pedcli.engine.runs import load_checkpoint, save_checkpoint
 from pedcli.engine.stages import set_trainable, train_mode
 from pedcli.errors import PedError
@@ -188,6 +189,17 @@ def test_shortlist_similarity_reads_the_shortlisted_scores(scored) -> None:
     with torch.no_grad():
         assert close(model.shortlist_similarity(text, image, index), sim[rows, index])
         assert close(model.shortlist_similarity(text, image, index, queries="image"), sim.T[rows, index])
+
+
+def test_the_default_rerank_applies_to_the_scores(scored) -> None:
+    """`ped eval` re-ranks by `default_rerank` with `rerank_options` unless told `--rerank none`."""
+    model, text, image, sim = scored
+    if model.default_rerank is None:
+        assert model.rerank_options == {}
+        return
+    rerank = RERANKERS[model.default_rerank]
+    out = rerank(sim, text["global"], image["global"], **model.rerank_options)
+    assert out.shape == sim.shape and torch.isfinite(out).all()
 
 
 def test_scores_ignore_padding_and_the_rest_of_the_batch(scored) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -373,7 +374,7 @@ def test_device_reaches_every_encoder_call(
 
 
 def test_read_only_gallery_keeps_its_cache_in_the_user_cache_dir(
-    trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch
+    trained_run: Path, tiny_cache: Path, tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 10 item 7: a gallery folder the user cannot write used to make every query fail."""
     gal = tmp_path / "gallery"
@@ -385,9 +386,9 @@ def test_read_only_gallery_keeps_its_cache_in_the_user_cache_dir(
     else:
         for d in (gal, gal / "sub"):
             d.chmod(0o555)
-    log: list[str] = []
     try:
-        first = query_gallery(trained_run, gal, [QUERY], top=3, log=log.append)
+        with caplog.at_level(logging.INFO, logger="pedcli"):
+            first = query_gallery(trained_run, gal, [QUERY], top=3)
         again = query_gallery(trained_run, gal, [QUERY], top=3)
     finally:
         for d in (gal, gal / "sub"):
@@ -395,6 +396,7 @@ def test_read_only_gallery_keeps_its_cache_in_the_user_cache_dir(
     assert first.embedded == 3 and again.embedded == 0 and not (gal / CACHE_DIRNAME).exists()
     (root,) = (tmp_path / "xdg" / "pedcli" / "galleries").glob("gallery-*")
     assert (root / "catalog.sqlite").is_file()
+    log = [r.getMessage() for r in caplog.records]
     assert any("read-only" in line and str(root) in line for line in log), log
 
 

@@ -135,7 +135,7 @@ def test_a_search_of_an_unchanged_gallery_reuses_the_catalogue(service, gallery,
     rebuilds the id catalogue; a new file does both."""
     opened: list[Path] = []
     real = gallery_mod._open_catalog
-    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r, log: opened.append(r) or real(r, log))
+    monkeypatch.setattr(gallery_mod, "_open_catalog", lambda r: opened.append(r) or real(r))
     first = service.sync()
     with client(service) as c:
         assert c.get("/api/search", params={"q": QUERY}).status_code == 200

@@ -143,7 +143,7 @@ def _check_embeddings_match(path: Path, attrs: dict[str, Any], config: dict[str,
 def _resolve_rerank(method: Method, rerank: str | None) -> tuple[str | None, dict[str, Any]]:
     """'auto' = the method's own post-processing (NAFS: RVN, its eq. 8), 'none' = no re-ranking."""
     if rerank == "auto":
-        return getattr(method, "default_rerank", None), dict(getattr(method, "rerank_options", {}))
+        return method.default_rerank, dict(method.rerank_options)
     if rerank in (None, "none"):
         return None, {}
     return rerank, {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,6 @@ class SearchService:
         cache_dir: str | Path | None = None,
         device: str | None = None,
         batch_size: int = 32,
-        log: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.gallery = Path(gallery).resolve()
         if not self.gallery.is_dir():
@@ -118,7 +117,7 @@ class SearchService:
         self.pipeline = text_pipeline(self.run_dir, self.config)
         self.metrics = run_metrics(self.run_dir)
         self.batch_size = batch_size
-        self.cache = open_cache(self.gallery, cache_dir, self.checkpoint, self.config, log)
+        self.cache = open_cache(self.gallery, cache_dir, self.checkpoint, self.config)
         self.state = SyncState()
         self._catalogue: Catalogue | None = None
         self._synced_at = -1.0  # perf_counter at the start of the last finished sync

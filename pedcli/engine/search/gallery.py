@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -53,6 +54,8 @@ from pedcli.engine.embed import embed_images, load_rgb, stack_padded
 from pedcli.errors import PedError
 from pedcli.fileio import sha256_bytes, sha256_file
 from pedcli.models.methods.base import Features, Method
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CACHE_DIRNAME = ".pedcli"
@@ -139,7 +142,7 @@ def can_write(folder: Path) -> bool:
     return True
 
 
-def cache_root(gallery: Path, cache_dir: Path | None, log: Callable[[str], None]) -> Path:
+def cache_root(gallery: Path, cache_dir: Path | None) -> Path:
     """Where the gallery's feature cache lives: `--cache-dir`, else inside the gallery, else (a gallery
     this user cannot write: a mounted evidence folder, a shared drive) the per-user cache dir, said so."""
     if cache_dir is not None:
@@ -156,7 +159,7 @@ def cache_root(gallery: Path, cache_dir: Path | None, log: Callable[[str], None]
             f"neither {gallery} nor the user cache dir {root.parent} can be written",
             "pass a writable --cache-dir",
         )
-    log(f"{gallery} is read-only: its feature cache is kept in {root}")
+    log.info(f"{gallery} is read-only: its feature cache is kept in {root}")
     return root
 
 
@@ -274,7 +277,7 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 def checkpoint_sha(root: Path, checkpoint: Path) -> str:
     """sha256 of a checkpoint, memoised in the catalogue so that it is hashed once, not on every query."""
-    catalog = _open_catalog(root, lambda _: None)
+    catalog = _open_catalog(root)
     path = str(checkpoint.resolve())
     key = stat_key(checkpoint.stat())
     hit = catalog.memo("checkpoint").get(path)
@@ -288,12 +291,12 @@ def checkpoint_sha(root: Path, checkpoint: Path) -> str:
     return sha
 
 
-def _open_catalog(root: Path, log: Callable[[str], None]) -> Catalog:
+def _open_catalog(root: Path) -> Catalog:
     """The catalogue at `root`; a damaged one (and every row file it described) is removed and rebuilt."""
     try:
         return Catalog(root)
     except DamagedStore as e:
-        log(f"the gallery cache {root} is damaged ({e}): rebuilding it")
+        log.warning(f"the gallery cache {root} is damaged ({e}): rebuilding it")
         _wipe(root)
         return Catalog(root)
 
@@ -324,7 +327,6 @@ class GalleryCache:
         method: Method,
         encode: Encoder | None = None,
         batch_size: int = 32,
-        log: Callable[[str], None] = lambda _: None,
         device: str | torch.device = "cpu",
         workers: int = DECODE_WORKERS,
         ctx: DistContext | None = None,
@@ -345,13 +347,13 @@ class GalleryCache:
         if last is not None and last[0] == listing and not ctx.distributed and self._alive(last[1]):
             return last[1]
         try:
-            return self._sync(listing, method, encode, batch_size, workers, log, ctx, progress)
+            return self._sync(listing, method, encode, batch_size, workers, ctx, progress)
         except DamagedStore as e:
-            log(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
+            log.warning(f"the gallery cache {self.root} is damaged ({e}): rebuilding it")
             self._last = None
             _wipe(self.root)
             self.dir.mkdir(parents=True, exist_ok=True)
-            return self._sync(listing, method, encode, batch_size, workers, log, ctx, progress)
+            return self._sync(listing, method, encode, batch_size, workers, ctx, progress)
 
     def _alive(self, feats: GalleryFeatures) -> bool:
         """Whether the generation `feats` maps is still the current one (its global row file exists), so
@@ -365,23 +367,20 @@ class GalleryCache:
         encode: Encoder,
         batch_size: int,
         workers: int,
-        log: Callable[[str], None],
         ctx: DistContext,
         progress: Progress | None,
     ) -> GalleryFeatures:
-        with _catalog(self.root, log) as catalog:
+        with _catalog(self.root) as catalog:
             paths, shas, memo, skipped = self._hash_files(catalog, listing)
             store = self._read(catalog)
         missing = ctx.broadcast(_missing(shas, store))  # rank 0's view: every rank splits the same list
         mine = _rank_share(missing, batch_size, ctx)
-        new, failed, unread = self._embed(
-            paths, shas, mine, method, encode, batch_size, workers, log, progress
-        )
+        new, failed, unread = self._embed(paths, shas, mine, method, encode, batch_size, workers, progress)
         if ctx.distributed:
             new, failed, unread = _joined(ctx.gather((new, failed, unread)))
         dead = (set(store.contents) | set(store.failed)) - set(shas)
         if (missing or memo or dead) and ctx.is_main:
-            with _catalog(self.root, log) as catalog:
+            with _catalog(self.root) as catalog:
                 try:
                     store = self._commit(catalog, set(shas), new, failed, memo)
                 except FileNotFoundError as e:  # a row file vanished under the write lock
@@ -389,7 +388,7 @@ class GalleryCache:
         if ctx.distributed:
             ctx.barrier()  # rank 0 has committed
             if not ctx.is_main:
-                with _catalog(self.root, log) as catalog:
+                with _catalog(self.root) as catalog:
                     store = self._read(catalog)
         embedded = len(new[0]) if new is not None else 0
         out = self._mapped(store, paths, shas, skipped, embedded, unread)
@@ -432,7 +431,6 @@ class GalleryCache:
         encode: Encoder,
         batch_size: int,
         workers: int,
-        log: Callable[[str], None],
         progress: Progress | None = None,
     ) -> tuple[tuple[list[str], Features] | None, dict[str, str], dict[str, str]]:
         """Decode (in DataLoader workers when there are a few batches) and encode the files of the
@@ -447,7 +445,7 @@ class GalleryCache:
         parts: dict[str, list[torch.Tensor]] = {}
         failed: dict[str, str] = {}
         unread: dict[str, str] = {}
-        log(f"embedding {len(files)} new image(s)")
+        log.info(f"embedding {len(files)} new image(s)")
         # starting workers costs ~1 s; a daemon process (a pool's worker) may not start any
         many = len(files) >= 4 * batch_size and not multiprocessing.current_process().daemon
         procs = workers if many else 0
@@ -667,10 +665,10 @@ class _Decoded(Dataset):
 
 
 @contextlib.contextmanager
-def _catalog(root: Path, log: Callable[[str], None]) -> Iterator[Catalog]:
+def _catalog(root: Path) -> Iterator[Catalog]:
     """The catalogue, open for one step of a sync (closed while embedding: DataLoader workers fork, and a
     forked SQLite connection must not be used, nor kept across the fork); database damage → DamagedStore."""
-    catalog = _open_catalog(root, log)
+    catalog = _open_catalog(root)
     try:
         yield catalog
     except sqlite3.DatabaseError as e:

@@ -16,7 +16,7 @@ Steps 3â€“4 (and the explanation of the matches) are `search_texts`, and imageâ†
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,6 @@ def query_gallery(
     batch_size: int = 32,
     device: str | None = None,
     explain: bool = False,
-    log: Callable[[str], None] = lambda _: None,
 ) -> QueryReport:
     """Rank the images under `gallery` for each query (see the module docstring)."""
     queries = [q.strip() for q in queries if q.strip()]
@@ -190,8 +189,8 @@ def query_gallery(
     pipeline = text_pipeline(run_dir, config)
     unknown = pipeline.unknown_words(queries)  # a query of unknown words only is refused here
     try:
-        cache = open_cache(gallery, cache_dir, ckpt, config, log)
-        feats = cache.sync(method, batch_size=batch_size, log=log, device=dev, ctx=ctx)
+        cache = open_cache(gallery, cache_dir, ckpt, config)
+        feats = cache.sync(method, batch_size=batch_size, device=dev, ctx=ctx)
     finally:
         teardown(ctx)
     text, phrases = encode_queries(method, pipeline, queries, dev)
@@ -229,10 +228,9 @@ def open_cache(
     cache_dir: str | Path | None,
     checkpoint: Path,
     config: dict[str, Any],
-    log: Callable[[str], None] = lambda _: None,
 ) -> GalleryCache:
     """The gallery's feature cache for this model (checkpoint content + config), rooted by `cache_root`."""
-    root = cache_root(gallery, None if cache_dir is None else Path(cache_dir), log)
+    root = cache_root(gallery, None if cache_dir is None else Path(cache_dir))
     return GalleryCache(gallery, root, model_key(checkpoint_sha(root, checkpoint), config))
 
 

@@ -187,6 +187,17 @@ class Method(nn.Module):
         that query computes pose maps for gallery images. A config may say so with its own `needs_pose`."""
         return bool(getattr(self.cfg, "needs_pose", False))
 
+    @property
+    def default_rerank(self) -> str | None:
+        """The re-ranking the paper applies to this method's scores at test time (`ped eval --rerank auto`),
+        by name in `pedcli.engine.retrieval.rerank` (NAFS: "rvn"); None for plain similarity."""
+        return None
+
+    @property
+    def rerank_options(self) -> dict[str, Any]:
+        """Keyword options of `default_rerank` (e.g. RVN's neighbours and weight)."""
+        return {}
+
     # ---- helpers ------------------------------------------------------------------------------
     def trunk_output(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """`batch["trunk"]` when the engine cached it, else computed now."""

@@ -402,6 +402,7 @@ class NAFS(PairwiseMethod):
 
     @property
     def rerank_options(self) -> dict[str, Any]:
+        """RVN's k and the weight of its Jaccard term (eq. 8)."""
         return {"neighbours": self.cfg.rvn_neighbours, "weight": self.cfg.rvn_weight}
 
     # ---- schedule ---------------------------------------------------------------------------------
