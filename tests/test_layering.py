@@ -1,9 +1,10 @@
 """Import rules of the layers (ARCHITECTURE.md: Layers), read from the source with `ast`.
 
 Every import counts: module level, inside functions (lazy imports), under `TYPE_CHECKING`, relative ones.
-The layers, bottom up: errors/fileio → data → text, pose → models → engine → serve → cli. A package may
-import only from the layers below it, and the engine reaches methods only through the registry and the
-base contract (`pedcli.models.methods` and `pedcli.models.methods.base`), never a concrete method module.
+The layers, bottom up: errors/fileio/logs → data → text, pose → models → engine → serve → cli (with
+cli_options, cli_views). A package may import only from the layers below it, and the engine reaches
+methods only through the registry and the base contract (`pedcli.models.methods` and
+`pedcli.models.methods.base`), never a concrete method module.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def violations(prefix: str, banned: list[str] | tuple[str, ...]) -> str:
 def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
     bad = violations(layer, FORBIDDEN[layer])
     assert not bad, f"{layer} must not import {', '.join(FORBIDDEN[layer])}:\n{bad}"
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    """A new top-level module or package must be placed in the table above, or it escapes the rules."""
+    layers = (*FORBIDDEN, *CLI)
+    homeless = [n for n, _ in sources() if n != "pedcli" and not any(within(n, x) for x in layers)]
+    assert not homeless, f"add these to a layer in FORBIDDEN (and to ARCHITECTURE.md): {homeless}"
 
 
 def test_the_engine_imports_no_concrete_method() -> None:

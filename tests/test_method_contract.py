@@ -14,7 +14,8 @@ equations; this file tests what the engine relies on whatever the method:
   and images need pose maps only when `needs_pose` says so;
 - bad options are refused with a clear message (what is wrong, and a fix);
 - a checkpoint (config through JSON, weights through `save_checkpoint`) gives identical scores;
-- every stage of the schedule returns finite losses whose gradients reach exactly its trainable parameters.
+- every stage of the schedule returns finite losses whose gradients reach exactly its trainable parameters,
+  and every parameter of the test score learns in some stage or starts pretrained.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from method_batch import TINY_INFO, TINY_LENGTHS, repad, tiny_batch, with_phrase
 from pedcli.engine.embed import stack_padded
 from pedcli.engine.evaluate import RERANKERS
 from pedcli.engine.runs import load_checkpoint, save_checkpoint
-from pedcli.engine.stages import set_trainable, train_mode
+from pedcli.engine.stages import check_every_score_parameter_learns, set_trainable, train_mode
 from pedcli.errors import PedError
 from pedcli.models.explanation import Explanation
 from pedcli.models.methods import Method, create_method, list_methods, method_class
@@ -63,7 +64,8 @@ SCORING_VARIANTS: dict[str, list[dict]] = {
 }
 # Values each method must refuse (an unknown option is checked for every method).
 BAD_OPTIONS: dict[str, list[dict]] = {
-    "baseline": [{"cell": "gru2"}, {"backbone": "vit"}],
+    "baseline": [{"cell": "gru2"}, {"backbone": "vit"}, {"embed_dim": 0}, {"margin": -1},
+                 {"ranking_weight": 0, "id_weight": 0}, {"frozen_epochs": 0, "full_epochs": 0}],
     "han": [{"spatial_source": "low"}, {"ranking": "hinge"}, {"rank_directions": "i2t"},
             {"ranking": "none", "classification": False}, {"backbone": "alexnet"}],
     "mgel": [{"granularities": ()}, {"granularities": (2, 2)}, {"pooling": "sum"}, {"embed_dim": 7},
@@ -292,6 +294,12 @@ def test_a_checkpoint_gives_identical_scores(model, tmp_path: Path) -> None:
 
 
 # ---- training ------------------------------------------------------------------------------------------
+def test_every_parameter_of_the_score_learns_or_starts_pretrained(scored) -> None:
+    """`ped train` refuses a schedule that would leave part of the test score at its random init."""
+    model = scored[0]
+    check_every_score_parameter_learns(model, model.stages(TrainConfig()), contract_batch())
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_stage_gives_finite_losses_that_reach_its_trainable_parameters(name: str) -> None:
     """Each stage as the engine runs it: its trainable set, frozen parts in eval mode, and the trunk

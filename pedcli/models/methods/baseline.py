@@ -22,9 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pedcli.models.backbones import build_backbone
+from pedcli.models.backbones import BACKBONES, build_backbone
 from pedcli.models.losses import SharedClassifier, identity_loss, triplet_hardest
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, register_method
+from pedcli.models.methods.base import (
+    Batch,
+    DataInfo,
+    Features,
+    Method,
+    Stage,
+    one_of,
+    register_method,
+    require,
+)
 from pedcli.models.text_encoders import RNNTextEncoder
 
 
@@ -52,6 +61,20 @@ class BaselineConfig:
     frozen_lr: float = 1e-3
     full_epochs: int = 20
     full_lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        require([
+            one_of("backbone", self.backbone, BACKBONES),
+            one_of("baseline cell", self.cell, ("lstm", "gru")),
+            (min(self.embed_dim, self.hidden, self.word_dim) > 0,
+             "baseline embed_dim, hidden and word_dim must be positive", "e.g. embed_dim=512"),
+            (self.margin >= 0 and self.ranking_weight >= 0 and self.id_weight >= 0,
+             "baseline margin and loss weights must not be negative", "0 drops a loss (ablation)"),
+            (self.ranking_weight > 0 or self.id_weight > 0,
+             "baseline needs a loss: ranking_weight and id_weight are both 0", "keep one of them above 0"),
+            (min(self.frozen_epochs, self.full_epochs) >= 0 and self.frozen_epochs + self.full_epochs > 0,
+             "baseline epochs must not be negative, and one stage must train", "e.g. full_epochs=20"),
+        ])  # fmt: skip
 
 
 @register_method("baseline")
