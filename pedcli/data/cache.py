@@ -217,11 +217,8 @@ def load_cache_info(cache: str | Path | Cache) -> Cache:
             f"{root} has cache format {meta.get('format')}, this pedcli reads format {CACHE_FORMAT}",
             "rebuild it with this version's `ped preprocess`",
         )
-    sizes = meta.get("part_bytes", {})
     for part in meta.get("parts", {}):
         path = part_path(root, part)
         if not path.is_file():
             refuse(f"{path} is missing", REBUILD)
-        if part in sizes and path.stat().st_size != sizes[part]:
-            refuse(f"{path} is damaged ({path.stat().st_size} bytes, {sizes[part]} written)", REBUILD)
     return Cache(root, meta)

@@ -363,8 +363,7 @@ def _build_cache(
         "vocab_size": len(vocab),
         "counts": counts,
         "versions": _versions(),
-        "parts": hashes,
-        "part_bytes": {name: part_path(out, name).stat().st_size for name in hashes},
+        "parts": hashes,  # content digests: HDF5 file sizes vary by a few bytes between identical builds
     }
     write_json_atomic(out / META, meta)
     shutil.rmtree(out / ".work", ignore_errors=True)
