@@ -20,7 +20,7 @@ DEMO_EPOCHS ?= 3
 # MGEL's own schedule (50 end-to-end epochs, 512-d) takes hours on a CPU, so the demo uses a short one:
 # 15 epochs of MGEL's optional warm-up stage on the frozen, cached ImageNet trunk at lr 3e-3, 128-d
 # embeddings, no end-to-end epochs. `ped train --method mgel` without options keeps the paper's.
-DEMO_TRAIN ?= $(if $(filter mgel,$(DEMO_METHOD)),--set warmup_epochs=15 --set epochs=0 --set lr=3e-3 --set embed_dim=128,--epochs $(DEMO_EPOCHS))
+DEMO_TRAIN ?= $(if $(filter mgel,$(DEMO_METHOD)),--set warmup_epochs=15 --set epochs=0 --set warmup_lr=3e-3 --set embed_dim=128,--epochs $(DEMO_EPOCHS))
 
 .PHONY: setup test lint demo bench bench-preprocess bench-train bench-eval bench-scoring bench-query bench-embed bench-backbone clean-demo bench-serve bench-methods
 

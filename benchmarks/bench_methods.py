@@ -8,17 +8,21 @@ The data is built by the real commands, so anyone can rebuild it: `ped synth --r
 (low resolution, blur, JPEG, camera colour, clutter, occlusion, other views; rough captions), then
 `ped preprocess` at 128×64 with pose maps from the annotated keypoints. Every run is `ped train` then
 `ped eval --split test` (the test split is never used to pick the epoch: `ped train` keeps the best
-validation epoch).
+validation epoch). On each method's first-seed run, `ped eval --rerank-top 100` is compared with exact
+scoring as well.
 
 Budget rules, identical for every method: the same images and image size, the same seeds, the method's
-own default batch size and learning rates (its paper's, where the paper gives them), and one schedule
+own learning rates (its paper's, where the paper gives them), its paper's batch size capped at 32
+(`BATCH_CAP`: the same epochs then mean a similar number of optimiser steps), and one schedule
 shape scaled down from the papers': FROZEN epochs of the method's first stage(s) with the CNN frozen
 (on cached trunk maps: cheap) and then E2E epochs of the stage(s) that train the CNN end to end,
-where each paper puts its gain (SCHEDULES below names the options). The "per-method" part is only how
+where each paper puts its gain (`schedule()` names the options). The "per-method" part is only how
 each method's options spell that shape.
 
-Each finished run is kept (OUT/runs/NAME/, OUT/results/NAME.json), so a killed comparison resumes where
-it stopped. Writes OUT/results.json and OUT/results.md and prints the table.
+Runs go `--jobs` at a time (default 2, one thread each: on a 2-core machine two one-thread runs get
+more done than one two-thread run), seed by seed and the costliest method first, so a comparison cut
+short still has whole seeds. Each finished run is kept (OUT/runs/NAME/, OUT/results/NAME.json), so a
+killed comparison resumes where it stopped. Writes OUT/results.json and OUT/results.md and prints them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -38,7 +44,9 @@ import numpy as np
 
 from pedcli.data.cache import part_path
 from pedcli.data.schema import SPLIT_CODE
+from pedcli.engine.retrieval.metrics import chance_r1
 from pedcli.fileio import write_json_atomic, write_text_atomic
+from pedcli.models.methods.base import DataInfo, create_method
 
 PED = str(Path(sys.executable).with_name("ped"))
 METHODS = ("baseline", "mgel", "han", "pma", "mia", "nafs")
@@ -53,41 +61,65 @@ class Scale:
     e2e: int  # epochs that train the CNN
 
 
-# FULL is sized for 6 methods × 3 seeds in about 2 h on 2 idle cores (estimated from per-epoch speeds
-# measured under load, not yet timed end to end); QUICK for about 20 min.
-FULL = Scale(identities=320, frozen=15, e2e=2)  # 112 test identities
-QUICK = Scale(identities=160, frozen=6, e2e=1)  # 56 test identities
+# FULL is sized for 6 methods × 3 seeds in about 2 h on 2 cores with --jobs 2 (MGEL's frozen stage at
+# the paper's widths, ~8 samples/s on one thread, is the largest share); QUICK for about 20 min.
+FULL = Scale(identities=320, frozen=8, e2e=1)  # 112 test identities
+QUICK = Scale(identities=160, frozen=8, e2e=1)  # 56 test identities
+
+
+# Batch size rule: the paper's, capped at MGEL's 32. The papers' 64–128 are sized for CUHK-PEDES's 68k
+# training captions; on this benchmark's ~1,100 they would leave PMA (128) 8 optimiser steps an epoch
+# against MGEL's 34, so the same epochs would not be the same training.
+BATCH_CAP = 32
+
+
+def paper_batch(method: str) -> int:
+    """The largest batch of the method's default stages."""
+    info = DataInfo(num_classes=2, vocab_size=4, image_size=(128, 64))
+    return max(s.batch_size for s in create_method(method, info, {"pretrained": "none"}).default_stages())
 
 
 def schedule(method: str, s: Scale) -> list[str]:
-    """The budget rule in each method's own option names (`ped methods`)."""
+    """The budget rule in each method's own option names (`ped methods`), and the batch size rule."""
     f, e = s.frozen, s.e2e
-    return {
-        "baseline": [f"frozen_epochs={f}", f"full_epochs={e}"],
-        "mgel": [f"warmup_epochs={f}", f"epochs={e}"],
-        "han": [
-            "stage1_freeze_trunk=true",
-            f"stage1_epochs={f}",
-            "stage2_freeze_trunk=false",
-            f"stage2_epochs={e}",
-        ],
-        "pma": [f"frozen_epochs={f}", f"full_epochs={e}"],
-        # step 1 (CNN frozen) and step 3 (the BFM heads) are the frozen part; step 2 trains the CNN
-        "mia": [f"step1_epochs={f - f // 3}", f"step2_epochs={e}", f"step3_epochs={f // 3}"],
-        "nafs": [f"frozen_epochs={f}", f"epochs={e}"],
-    }[method]
+    batch = [f"train.batch_size={BATCH_CAP}"] if paper_batch(method) > BATCH_CAP else []
+    return (
+        batch
+        + {
+            "baseline": [f"frozen_epochs={f}", f"full_epochs={e}"],
+            "mgel": [f"warmup_epochs={f}", f"epochs={e}"],
+            "han": [
+                "stage1_freeze_trunk=true",
+                f"stage1_epochs={f}",
+                "stage2_freeze_trunk=false",
+                f"stage2_epochs={e}",
+            ],
+            "pma": [f"frozen_epochs={f}", f"full_epochs={e}"],
+            # step 1 (CNN frozen) and step 3 (the BFM heads) are the frozen part; step 2 trains the CNN
+            "mia": [f"step1_epochs={f - f // 3}", f"step2_epochs={e}", f"step3_epochs={f // 3}"],
+            "nafs": [f"frozen_epochs={f}", f"epochs={e}"],
+        }[method]
+    )
 
 
 # One table per paper (`ped train --set`), on the first seed; the full model is the main table's run.
-ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {
-    "mgel": [("granularities 1", ["granularities=1"]), ("granularities 1,2", ["granularities=1,2"])],
-    "pma": [("without pose", ["pose_concat=false", "fa_pose=false"])],
+# A row is (label, `--set` options to train with, `ped eval` options); a row without `--set` options only
+# evaluates the full run again (RVN is test-time re-ranking: no model to retrain).
+ABLATIONS: dict[str, list[tuple[str, list[str], list[str]]]] = {
+    "mgel": [("granularities 1", ["granularities=1"], []), ("granularities 1,2", ["granularities=1,2"], [])],
+    "pma": [("without pose", ["pose_concat=false", "fa_pose=false"], [])],
     "han": [
-        ("without cubic attention", ["spatial_source=last"]),
-        ("without cross-modal attention", ["cross_modal_attention=false"]),
+        ("without cubic attention", ["spatial_source=last"], []),
+        ("without cross-modal attention", ["cross_modal_attention=false"], []),
     ],
-    "mia": [("global only", ["relation=false", "fine=false"]), ("global + relation", ["fine=false"])],
-    "nafs": [("without non-local attention", ["nonlocal_attention=false"]), ("without RVN", ["rvn=false"])],
+    "mia": [
+        ("global only", ["relation=false", "fine=false"], []),
+        ("global + relation", ["fine=false"], []),
+    ],
+    "nafs": [
+        ("without non-local attention", ["nonlocal_attention=false"], []),
+        ("without RVN", [], ["--rerank", "none"]),
+    ],
 }
 FULL_NAME = {
     "mgel": "granularities 1,2,4,8",
@@ -96,6 +128,10 @@ FULL_NAME = {
     "mia": "global + relation + fine",
     "nafs": "full",
 }
+# Rough relative cost of a run (measured samples/s on cached maps): the slowest start first, so that
+# parallel jobs finish close together.
+COST = {"mgel": 6, "pma": 5, "han": 4, "nafs": 3, "mia": 3, "baseline": 1}
+TWO_STAGE_K = 100  # `ped eval --rerank-top K` against exact scoring, on each method's first-seed run
 
 
 def sh(cmd: list[str], env: dict[str, str], quiet: bool) -> None:
@@ -118,15 +154,14 @@ def build_data(out: Path, s: Scale, env: dict[str, str], quiet: bool) -> Path:
     return cache
 
 
-def chance_r1(cache: Path, split: str = "test") -> float:
-    """R@1 (%) of a random ranking: per caption, the share of the split's images showing its person."""
+def test_pids(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(person id of each test caption, of each test image), read from the cache."""
     with h5py.File(part_path(cache, "images"), "r") as f:
         pid, code = f["pid"][:], f["split"][:]
     with h5py.File(part_path(cache, "text"), "r") as f:
         image_of = f["image_index"][:]
-    gallery = pid[code == SPLIT_CODE[split]]
-    queries = pid[image_of[code[image_of] == SPLIT_CODE[split]]]
-    return 100 * float((queries[:, None] == gallery[None, :]).mean())
+    test = SPLIT_CODE["test"]
+    return pid[image_of[code[image_of] == test]], pid[code == test]
 
 
 def run_one(job: Job, cache: Path, out: Path, env: dict[str, str], quiet: bool) -> dict:
@@ -134,32 +169,46 @@ def run_one(job: Job, cache: Path, out: Path, env: dict[str, str], quiet: bool) 
     result_path = out / "results" / f"{job.name}.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    run = out / "runs" / job.name
-    clock = out / "runs" / f"{job.name}.seconds"  # train seconds of all attempts, so resumes add up
-    cmd = [PED, "train", "--method", job.method, "--cache", str(cache), "--run", str(run),
-           "--seed", str(job.seed)]  # fmt: skip
-    cmd += [a for kv in job.sets for a in ("--set", kv)] + (["--resume"] if run.exists() else [])
-    t0 = time.perf_counter()
-    try:
-        sh(cmd + (["--quiet"] if quiet else []), env, quiet)
-    finally:  # a killed attempt's time counts too
-        spent = float(clock.read_text()) if clock.is_file() else 0.0
-        clock.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(clock, f"{spent + time.perf_counter() - t0:.1f}")
-    metrics = run / "test-metrics.json"
-    sh([PED, "eval", "--run", str(run), "--split", "test", "--out", str(metrics)], env, quiet=True)
-    m = json.loads(metrics.read_text())
+    run = out / "runs" / job.run
+    clock = out / "runs" / f"{job.run}.seconds"  # train seconds of all attempts, so resumes add up
+    if not job.eval_args or not (run / "config.json").is_file():
+        cmd = [PED, "train", "--method", job.method, "--cache", str(cache), "--run", str(run),
+               "--seed", str(job.seed)]  # fmt: skip
+        cmd += [a for kv in job.sets for a in ("--set", kv)] + (["--resume"] if run.exists() else [])
+        t0 = time.perf_counter()
+        try:
+            sh(cmd + (["--quiet"] if quiet else []), env, quiet)
+        finally:  # a killed attempt's time counts too
+            spent = float(clock.read_text()) if clock.is_file() else 0.0
+            clock.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(clock, f"{spent + time.perf_counter() - t0:.1f}")
+    m = evaluate(run, out / "results" / f"{job.name}.test.json", job.eval_args, env)
     result = {
         "name": job.name,
         "method": job.method,
         "seed": job.seed,
         "set": job.sets,
+        "eval": job.eval_args,
         "t2i": {k: m["t2i"][k] for k in ("R@1", "R@5", "R@10", "mAP")},
         "i2t_R@1": m["i2t"]["R@1"],
         "train_s": float(clock.read_text()),
     }
+    if job.two_stage:  # issue: the shortlist must not cost accuracy on a trained model
+        two = evaluate(run, out / "results" / f"{job.name}.two-stage.json",
+                       ["--rerank-top", str(TWO_STAGE_K)], env)  # fmt: skip
+        result["two_stage"] = {"k": TWO_STAGE_K} | {
+            f"{d} {k}": two["difference"][d][k] for d in ("t2i", "i2t") for k in ("R@1", "R@10")
+        }
     write_json_atomic(result_path, result)
     return result
+
+
+def evaluate(run: Path, metrics: Path, args: list[str], env: dict[str, str]) -> dict:
+    """`ped eval --split test` of a run (kept as `metrics`, reused when there)."""
+    if not metrics.is_file():
+        cmd = [PED, "eval", "--run", str(run), "--split", "test", "--out", str(metrics), "--force", *args]
+        sh(cmd, env, quiet=True)
+    return json.loads(metrics.read_text())
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -194,26 +243,91 @@ def markdown(title: str, label: str, table: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def separation(methods: dict[str, dict]) -> str:
+    """The goal's test: a method beats the baseline when its mean test R@1 exceeds the baseline's by more
+    than twice the larger of the two standard deviations (seed noise)."""
+    if "baseline" not in methods:
+        return ""
+    base = methods["baseline"]["t2i"]["R@1"]
+    lines = ["**Against the baseline** (mean test R@1 difference vs 2 × the larger std over seeds)\n"]
+    for name, s in methods.items():
+        if name == "baseline":
+            continue
+        mean, gap = s["t2i"]["R@1"][0], 2 * max(s["t2i"]["R@1"][1], base[1])
+        verdict = "beats it" if mean - base[0] > gap else "does not separate from it"
+        verdict = "below it" if base[0] - mean > gap else verdict
+        lines.append(f"- {name}: {mean - base[0]:+.1f} points, 2σ = {gap:.1f}: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def two_stage_table(runs: list[dict]) -> str:
+    """Two-stage (cosine shortlist of K, then the method's score) minus exact scoring, in points."""
+    rows = [r for r in runs if "two_stage" in r]
+    if not rows:
+        return ""
+    k = rows[0]["two_stage"]["k"]
+    keys = ("t2i R@1", "t2i R@10", "i2t R@1", "i2t R@10")
+    lines = [f"**Two-stage (K = {k}) minus exact, test split (seed {rows[0]['seed']})**\n",
+             "| method | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]  # fmt: skip
+    lines += [
+        f"| {r['method']} | " + " | ".join(f"{r['two_stage'][c]:+.2f}" for c in keys) + " |" for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class Job:
-    name: str  # run folder and result file
+    name: str  # result file
+    run: str  # run folder (an evaluation-only row shares its full model's)
     method: str
     sets: list[str]
     seed: int
     table: str  # "methods" or the ablated method
     row: str
+    eval_args: list[str] = field(default_factory=list)
+    two_stage: bool = False  # also compare two-stage with exact scoring
 
 
 def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: bool) -> list[Job]:
-    """Main runs (every method × seed), then the ablation rows on the first seed."""
-    jobs = [Job(f"{m}-s{s}", m, schedule(m, scale), s, "methods", m) for m in methods for s in seeds]
+    """Main runs seed by seed (a cut-short comparison still has whole seeds), the costliest method first;
+    then the ablation rows on the first seed."""
+    jobs = [
+        Job(f"{m}-s{s}", f"{m}-s{s}", m, schedule(m, scale), s, "methods", m, two_stage=s == seeds[0])
+        for s in seeds
+        for m in sorted(methods, key=lambda m: -COST[m])
+    ]
     for m in [m for m in methods if m in ABLATIONS] if ablations else []:
         full = jobs[[j.name for j in jobs].index(f"{m}-s{seeds[0]}")]
-        jobs.append(Job(full.name, m, full.sets, seeds[0], m, FULL_NAME[m]))  # reuses the main run
-        for row, extra in ABLATIONS[m]:
+        jobs.append(Job(full.name, full.run, m, full.sets, seeds[0], m, FULL_NAME[m]))  # the main run
+        for row, extra, eval_args in ABLATIONS[m]:
             slug = row.replace(" ", "_").replace(",", "")
-            jobs.append(Job(f"{m}-{slug}-s{seeds[0]}", m, schedule(m, scale) + extra, seeds[0], m, row))
+            name = f"{m}-{slug}-s{seeds[0]}"
+            run, sets = (full.run, full.sets) if not extra else (name, schedule(m, scale) + extra)
+            jobs.append(Job(name, run, m, sets, seeds[0], m, row, eval_args))
     return jobs
+
+
+def run_all(jobs: list[Job], n_parallel: int, run: Callable[[Job], dict]) -> dict[str, dict]:
+    """Every distinct job once, `n_parallel` at a time; an evaluation-only row waits for the training of
+    its run. A failed job is reported and skipped (rerun the script to retry it)."""
+    unique = list({j.name: j for j in jobs}.values())
+    trains, evals = [j for j in unique if not j.eval_args], [j for j in unique if j.eval_args]
+    done: dict[str, dict] = {}
+    start, total = time.perf_counter(), len(unique)
+
+    def one(job: Job) -> None:
+        print(f"[{len(done) + 1}/{total}] {job.name} started ({time.perf_counter() - start:.0f} s so far)")
+        try:
+            r = done[job.name] = run(job)
+        except subprocess.CalledProcessError as e:  # one broken method must not lose the others
+            print(f"  {job.name} FAILED ({e}); rerun to retry it", flush=True)
+            return
+        print(f"  {job.name}: test R@1 {r['t2i']['R@1']:.1f}, trained in {r['train_s']:.0f} s", flush=True)
+
+    for batch in (trains, evals):
+        with ThreadPoolExecutor(n_parallel) as pool:
+            list(pool.map(one, batch))
+    return done
 
 
 def main() -> None:
@@ -223,7 +337,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="One seed, 160 identities, shorter schedule.")
     ap.add_argument("--ablations", action="store_true", help="Also one table per paper, on the first seed.")
     ap.add_argument("--out", type=Path, default=None, help="Work folder (default bench-out/methods[-quick]).")
-    ap.add_argument("--threads", type=int, default=2, help="Torch threads of each run (OMP_NUM_THREADS).")
+    ap.add_argument("--threads", type=int, default=1, help="Torch threads of each run (OMP_NUM_THREADS).")
+    ap.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with --threads threads).")
     ap.add_argument("--quiet", action="store_true", help="No progress bars of the ped commands.")
     args = ap.parse_args()
     scale = QUICK if args.quick else FULL
@@ -232,43 +347,32 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     env |= {"TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cache = build_data(out, scale, env, args.quiet)
-    chance, n_test = chance_r1(cache), int(np.unique(_test_pids(cache)).size)
+    text_pids, image_pids = test_pids(cache)
+    chance = chance_r1(text_pids, image_pids)
+    n_test = len(set(image_pids))
     jobs = plan(args.methods, seeds, scale, args.ablations)
-    done: dict[str, dict] = {}
-    start = time.perf_counter()
-    for k, job in enumerate(jobs, 1):
-        if job.name in done:
-            continue
-        print(f"[{k}/{len(jobs)}] {job.name} ({time.perf_counter() - start:.0f} s so far)", flush=True)
-        try:
-            r = done[job.name] = run_one(job, cache, out, env, args.quiet)
-        except subprocess.CalledProcessError as e:  # one broken method must not lose the others
-            print(f"  FAILED ({e}); rerun to retry it", flush=True)
-            continue
-        print(f"  test R@1 {r['t2i']['R@1']:.1f} (chance {chance:.1f}), trained in {r['train_s']:.0f} s")
+    print(f"chance R@1 on the test split: {chance:.1f} % ({n_test} identities)", flush=True)
+    done = run_all(jobs, args.jobs, lambda job: run_one(job, cache, out, env, args.quiet or args.jobs > 1))
     tables: dict[str, dict[str, list[dict]]] = {}
     for job in jobs:
         if job.name in done:
             tables.setdefault(job.table, {}).setdefault(job.row, []).append(done[job.name])
     summary = {t: {row: summarise(rs) for row, rs in rows.items()} for t, rows in tables.items()}
     title = f"Text→image on the test split ({n_test} identities, chance R@1 {chance:.1f} %)"
-    md = [markdown(title, "method", summary.pop("methods", {}))]
-    md += [markdown(f"{m} ablation (seed {seeds[0]})", m, t) for m, t in summary.items()]
+    md = [markdown(title, "method", summary.get("methods", {}))]
+    md += [separation(summary["methods"])] if "methods" in summary else []
+    md += [markdown(f"{m} ablation (seed {seeds[0]})", m, t) for m, t in summary.items() if m != "methods"]
+    md += [two_stage_table(list(done.values()))]
     bench = {"identities": scale.identities, "test_identities": n_test, "splits": SPLITS, "realism": "hard",
              "synth_seed": 0, "image_size": IMAGE_SIZE, "chance_R@1": chance, "frozen_epochs": scale.frozen,
              "e2e_epochs": scale.e2e, "threads": args.threads}  # fmt: skip
     write_json_atomic(out / "results.json", {
         "benchmark": bench, "schedules": {m: schedule(m, scale) for m in args.methods},
-        "tables": {t: {row: summarise(rs) for row, rs in rows.items()} for t, rows in tables.items()},
+        "tables": summary,
         "runs": list(done.values()),
     })  # fmt: skip
     write_text_atomic(out / "results.md", "\n".join(md))
     print("\n" + "\n".join(md) + f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
-
-
-def _test_pids(cache: Path) -> np.ndarray:
-    with h5py.File(part_path(cache, "images"), "r") as f:
-        return f["pid"][:][f["split"][:] == SPLIT_CODE["test"]]
 
 
 if __name__ == "__main__":

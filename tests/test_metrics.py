@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,11 @@ def test_bad_inputs_are_clear_errors() -> None:
         retrieval_metrics(nan, TEXT_PIDS, IMAGE_PIDS)
     with pytest.raises(ValueError, match="ids"):
         retrieval_metrics(SIM, TEXT_PIDS[:2], IMAGE_PIDS)
+
+
+def test_chance_r1_is_the_mean_share_of_matching_gallery_items():
+    from pedcli.engine.retrieval.metrics import chance_r1
+
+    # query 1 matches 2 of 4 gallery items, query 2 one of 4: (50 + 25) / 2
+    assert chance_r1(torch.tensor([1, 2]), torch.tensor([1, 1, 2, 3])) == pytest.approx(37.5)
+    assert chance_r1(np.array([3]), np.array([1, 2])) == 0.0

@@ -203,6 +203,7 @@ def test_warmup_stage_freezes_the_backbone() -> None:
     m = make(warmup_epochs=2)
     warmup, joint = m.stages(TrainConfig())
     assert warmup.freeze_trunk and warmup.epochs == 2 and joint.epochs == 50
+    assert (warmup.lr, joint.lr) == (1e-3, 2e-4)  # the paper's rate is for the whole network
     learning = {name.split(".")[0] for name, _ in m.trainable_parameters(warmup)}
     assert "backbone" not in learning and {"text_encoder", "gcp"} <= learning
 

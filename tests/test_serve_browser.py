@@ -32,7 +32,7 @@ TOP = 5
 VIEWPORT = {"width": 1200, "height": 900}  # page functions below are `() => …`: the page's CSP forbids eval
 BATCH = {"batch_size": 16}
 # 30 epochs on cached CNN maps: ~97 % of training captions find their person in the top 5 (of 75 images)
-MGEL = {"embed_dim": 64, "word_dim": 64, "warmup_epochs": 30, "epochs": 0, "lr": 2e-3}
+MGEL = {"embed_dim": 64, "word_dim": 64, "warmup_epochs": 30, "epochs": 0, "warmup_lr": 2e-3}
 
 pytestmark = [
     pytest.mark.browser,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pedcli.errors import PedError
@@ -27,6 +28,12 @@ from pedcli.errors import PedError
 DEFAULT_KS = (1, 5, 10)
 # Elements of the [chunk, n_gallery] working arrays per chunk: ~4 M keeps each chunk around 100 MB.
 CHUNK_ELEMENTS = 1 << 22
+
+
+def chance_r1(query_pids: torch.Tensor | np.ndarray, gallery_pids: torch.Tensor | np.ndarray) -> float:
+    """R@1 (%) of a random ranking: the mean share of the gallery showing each query's person."""
+    q, g = torch.as_tensor(query_pids), torch.as_tensor(gallery_pids)
+    return 100 * float((q[:, None] == g[None, :]).double().mean())
 
 
 def rank_order(scores: torch.Tensor) -> torch.Tensor:

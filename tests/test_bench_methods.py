@@ -1,0 +1,75 @@
+"""The method comparison's planning and bookkeeping (benchmarks/bench_methods.py), without training."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_methods", Path(__file__).parents[1] / "benchmarks" / "bench_methods.py"
+)
+bench = sys.modules["bench_methods"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(bench)
+
+
+def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
+    jobs = bench.plan(["baseline", "nafs", "mgel"], [0, 1], bench.QUICK, ablations=True)
+    main = [j for j in jobs if j.table == "methods"]
+    assert [(j.method, j.seed) for j in main][:4] == [("mgel", 0), ("nafs", 0), ("baseline", 0), ("mgel", 1)]
+    assert {j.name for j in main if j.two_stage} == {"mgel-s0", "nafs-s0", "baseline-s0"}
+    no_rvn = next(j for j in jobs if j.row == "without RVN")
+    assert no_rvn.run == "nafs-s0" and no_rvn.eval_args == ["--rerank", "none"]
+    no_nonlocal = next(j for j in jobs if j.row == "without non-local attention")
+    assert no_nonlocal.run == no_nonlocal.name and "nonlocal_attention=false" in no_nonlocal.sets
+    full_rows = [j for j in jobs if j.table == "nafs" and j.row == "full"]
+    assert [j.name for j in full_rows] == ["nafs-s0"]  # the main table's run, not a second training
+
+
+def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_failure():
+    jobs = bench.plan(["baseline", "nafs", "mgel"], [0], bench.QUICK, ablations=True)
+    active, peak, finished, lock = [0], [0], [], threading.Lock()
+
+    def fake(job):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if job.eval_args:  # evaluation rows start only after every training has finished
+                assert all(not j.eval_args for j in jobs if j.name in finished) and len(finished) >= 4
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+            finished.append(job.name)
+        if job.method == "mgel" and job.row == "granularities 1":
+            raise subprocess.CalledProcessError(1, "ped train")
+        return {"t2i": {"R@1": 1.0}, "train_s": 0.0}
+
+    done = bench.run_all(jobs, 2, fake)
+    assert peak[0] == 2
+    assert "mgel-granularities_1-s0" not in done and "nafs-without_RVN-s0" in done
+    assert len(done) == len({j.name for j in jobs}) - 1
+
+
+@pytest.mark.parametrize(
+    ("base", "other", "verdict"),
+    [
+        ((10.0, 1.0), (13.0, 1.0), "beats it"),
+        ((10.0, 1.0), (11.5, 1.0), "does not separate"),
+        ((10.0, 2.0), (5.0, 0.5), "below it"),
+    ],  # fmt: skip
+)
+def test_separation_needs_more_than_twice_the_larger_std(base, other, verdict):
+    row = lambda r1: {"t2i": {"R@1": r1}}  # noqa: E731
+    text = bench.separation({"baseline": row(base), "mgel": row(other)})
+    assert verdict in text
+
+
+def test_batch_rule_caps_the_papers_batch_sizes_at_mgels():
+    assert bench.paper_batch("pma") == 128 and bench.paper_batch("mgel") == 32
+    assert f"train.batch_size={bench.BATCH_CAP}" in bench.schedule("pma", bench.FULL)
+    assert not any(s.startswith("train.batch_size") for s in bench.schedule("mgel", bench.FULL))
