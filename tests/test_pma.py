@@ -68,7 +68,7 @@ def test_soft_and_top_m_attention() -> None:
 def test_ca_score_sums_the_cosines_of_the_kept_regions(model) -> None:
     text, image = features(model)
     t, i = 2, 4
-    s = F.cosine_similarity(text["global"][t][None], image["regions"][i], dim=1)  # eq. 7, [24]
+    s = F.cosine_similarity(text["sentence"][t][None], image["regions"][i], dim=1)  # eq. 7, [24]
     kept = torch.softmax(s, 0) >= 1 / 24  # eqs. 8–9
     ca = model._coarse(text, image, layout="all")[0]
     assert 0 < kept.sum() < 24
@@ -141,10 +141,17 @@ def test_noun_phrases_are_encoded_on_their_own(model) -> None:
 def test_feature_shapes_and_schedule(model) -> None:
     text, image = features(model)
     assert {k: tuple(v.shape) for k, v in image.items()} == {
-        "global": (6, 8), "regions": (6, 24, 8), "parts": (6, 6, 8), "fa_parts": (6, 6, 8)}  # fmt: skip
-    assert {k: tuple(v.shape) for k, v in text.items()} == {
-        "global": (6, 8), "phrases": (6, 3, 8), "phrase_norms": (6, 3), "phrases_mask": (6, 3)}  # fmt: skip
-    for unit in (image["regions"], image["parts"], image["fa_parts"], text["phrases"][text["phrases_mask"]]):
+        "global": (6, 16), "regions": (6, 24, 8), "parts": (6, 6, 8), "fa_parts": (6, 6, 8)}  # fmt: skip
+    assert {k: tuple(v.shape) for k, v in text.items()} == {"global": (6, 16), "sentence": (6, 8),
+        "phrases": (6, 3, 8), "phrase_norms": (6, 3), "phrases_mask": (6, 3)}  # fmt: skip
+    units = (
+        image["regions"],
+        image["parts"],
+        image["fa_parts"],
+        text["sentence"],
+        text["phrases"][text["phrases_mask"]],
+    )
+    for unit in units:
         assert torch.allclose(unit.norm(dim=-1), torch.ones(()), atol=1e-5)  # cosines need no normalising
     assert text["phrases_mask"].sum(1).tolist() == list(N_PHRASES)
     assert model.backbone.stages[0][0][0].in_channels == 17  # image + 14 pose maps
@@ -160,7 +167,7 @@ SWITCHES = [  # (overrides, losses, image feature keys besides "global")
     ({}, ALL, POSE_FA),
     ({"pose_concat": False}, ALL, POSE_FA),  # Table 3
     ({"coarse": False}, {"global_ranking", "global_identity", "fa_ranking", "fa_identity", "part"},
-     {"parts", "fa_parts"}),  # Table 3
+     {"avg", "parts", "fa_parts"}),  # Table 3
     ({"fine": False}, {"ca_ranking", "ca_identity"}, {"regions"}),  # Table 3
     ({"ca_attention": "soft"}, ALL, POSE_FA),  # Table 4
     ({"ca_attention": "top_m", "ca_top_m": 5}, ALL, POSE_FA),  # Table 4
@@ -194,6 +201,25 @@ def test_every_switch_builds_and_takes_a_training_step(overrides, losses, image_
     text, image = features(m, batch)
     assert set(image) == {"global"} | image_keys
     assert m.similarity(text, image).shape == (6, 6)
+
+
+def _uniform(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    valid = mask.expand_as(x).float()
+    return valid / valid.sum(-1, keepdim=True).clamp(min=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"coarse": False}, {"fine": False}])
+def test_shortlist_feature_is_the_score_under_uniform_attention(overrides, monkeypatch) -> None:
+    """The cosine shortlist reads "global": with every attention uniform, S = S_ca + λ3·S_fa is exactly
+    the dot product of the text and image "global" (so it ranks as the score does, to first order)."""
+    m = make(pretrained="none", **overrides).eval()
+    monkeypatch.setattr(pma, "coarse_attention", lambda s, *a, **k: torch.full_like(s, 1 / s.shape[-1]))
+    monkeypatch.setattr(pma.att, "masked_softmax", _uniform)
+    text, image = features(m, pma_batch())
+    with torch.no_grad():
+        exact = m.similarity(text, image)
+    assert exact.std() > 1e-3
+    assert torch.allclose(text["global"] @ image["global"].T, exact, atol=1e-5)
 
 
 def test_the_second_step_trains_the_cnn_through_both_branches() -> None:

@@ -7,6 +7,7 @@ takes the mask; image positions pass no mask (all valid).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -75,13 +76,24 @@ def cross_dots(text: Tensor, image: Tensor, layout: Layout) -> Tensor:
     if layout == "images_per_text":  # text [n, X, D], image [n, K, Y, D]
         n, k, y, d = image.shape
         return (text @ image.reshape(n, k * y, d).transpose(1, 2)).unflatten(2, (k, y)).transpose(1, 2)
-    if layout == "texts_per_image":  # text [n, K, X, D], image [n, Y, D]
-        n, k, x, d = text.shape
-        return (text.reshape(n, k * x, d) @ image.transpose(1, 2)).unflatten(1, (k, x))
+    if layout == "texts_per_image":  # text [n, K, X, D], image [n, Y, D]: the few image units on the
+        n, k, x, d = text.shape  # left, one GEMM per image (1.4-1.7x faster than K·X rows on the left)
+        return (image @ text.reshape(n, k * x, d).transpose(1, 2)).unflatten(2, (k, x)).permute(0, 2, 3, 1)
     nt, x, d = text.shape
     ni, y, _ = image.shape
     flat = text.reshape(nt * x, d) @ image.reshape(ni * y, d).T
     return flat.reshape(nt, x, ni, y).transpose(1, 2)
+
+
+def cross_dots_shared(texts: dict[str, Tensor], image: Tensor | None, layout: Layout) -> dict[str, Tensor]:
+    """`cross_dots` of several text tensors [.., X_j, D] with one image tensor in one product, so the
+    image units are read once rather than once per text tensor: {name: [pairs.., X_j, Y]}."""
+    if not texts or image is None:
+        return {}
+    if len(texts) == 1:
+        return {name: cross_dots(t, image, layout) for name, t in texts.items()}
+    both = cross_dots(torch.cat(list(texts.values()), dim=-2), image, layout)
+    return dict(zip(texts, both.split([t.shape[-2] for t in texts.values()], dim=-2), strict=True))
 
 
 def cross_cosine(text: Tensor, image: Tensor, layout: Layout) -> Tensor:
@@ -143,18 +155,39 @@ def trim_units(
     """Drop the unit columns no item uses (padding sized for the longest caption of the whole split):
     `used` [B, M] marks valid units; `keys` hold [B, M, ...] tensors, `square` ones [B, M, M]."""
     cols = used.any(0).nonzero()
-    n = int(cols.max()) + 1 if cols.numel() else 1
+    return cut_units(feats, int(cols.max()) + 1 if cols.numel() else 1, keys, square)
+
+
+def cut_units(
+    feats: dict[str, Tensor], n: int, keys: tuple[str, ...], square: tuple[str, ...] = ()
+) -> dict[str, Tensor]:
+    """The first `n` unit slots of every item (views, no copy); keys as in `trim_units`."""
     out = {k: v[:, :n] if k in keys else v for k, v in feats.items()}
     return out | {k: feats[k][:, :n, :n] for k in square if k in feats}
+
+
+def with_unit_global(feats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`feats` plus "global_unit", the L2-normalised "global" (once per item; idempotent)."""
+    if "global_unit" in feats:
+        return feats
+    return feats | {"global_unit": F.normalize(feats["global"], dim=-1)}
 
 
 def gather_rows(
     feats: dict[str, Tensor], index: Tensor, out: dict[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
-    """Rows [n, K] of every tensor of a feature dict: [n, K, ...] (one copy per shortlisted item), into
-    the leading rows of `out`'s buffers when given."""
+    """Rows [n, K] of every tensor of a feature dict: [n, K, ...] (one copy per shortlisted item). With
+    `out`, the copies go into the leading elements of its flat buffers, one per key, which are grown
+    (replaced in `out`) when too small: reused from call to call, they cost no page fault per page as
+    fresh ones do."""
     flat = index.reshape(-1)
     if out is None:
         return {k: v.index_select(0, flat).unflatten(0, index.shape) for k, v in feats.items()}
-    picked = {k: torch.index_select(v, 0, flat, out=out[k][: len(flat)]) for k, v in feats.items()}
-    return {k: v.unflatten(0, index.shape) for k, v in picked.items()}
+    picked = {}
+    for k, v in feats.items():
+        shape = (len(flat), *v.shape[1:])
+        need = math.prod(shape)
+        if k not in out or out[k].numel() < need or out[k].dtype != v.dtype:
+            out[k] = v.new_empty(need)
+        picked[k] = torch.index_select(v, 0, flat, out=out[k][:need].view(shape)).unflatten(0, index.shape)
+    return picked

@@ -187,13 +187,6 @@ def unit_features(units: Tensor, name: str, mlps: dict[str, Callable[[Tensor], T
     return feats | {f"{prefix}_{name}": F.normalize(mlp(units), dim=-1) for prefix, mlp in mlps.items()}
 
 
-def _with_unit_global(feats: Features) -> Features:
-    """`feats` plus "global_unit", the L2-normalised "global" (once per item; idempotent)."""
-    if "global_unit" in feats:
-        return feats
-    return feats | {"global_unit": F.normalize(feats["global"], dim=-1)}
-
-
 def _diag_norms(gram: Tensor) -> Tensor:
     """The units' norms [B, K] from their Gram matrix [B, K, K] (floored: padding units are zero)."""
     return gram.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().clamp(min=1e-8)
@@ -326,33 +319,31 @@ class MIA(PairwiseMethod):
     # ---- the five similarities ----------------------------------------------------------------------
     def text_side(self, text: Features) -> Features:
         """Adds the unit-length sentence vector T̂ "global_unit" (cosines only ever read it)."""
-        return _with_unit_global(super().text_side(text))
+        return att.with_unit_global(super().text_side(text))
 
     def image_side(self, image: Features) -> Features:
         """Adds the unit-length global image vector Î "global_unit"."""
-        return _with_unit_global(super().image_side(image))
+        return att.with_unit_global(super().image_side(image))
 
-    def _relation(self, text: Features, image: Features, layout: att.Layout) -> dict[str, Tensor]:
-        """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11)."""
+    def _relation(
+        self, text: Features, image: Features, layout: att.Layout, dots: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """RGA: s_I with the part weights v (eqs. 6–8), s_T with the phrase weights c (eqs. 9–11); `dots`
+        from `_shared_dots`."""
         t_hat = text["global_unit"][..., None, :]  # [.., 1, d]
-        i_hat = image["global_unit"][..., None, :]
-        phrases, mask = text["phrases"], text["phrases_mask"]
         v = torch.softmax(att.cross_dots(t_hat, image["rga_parts"], layout), -1)  # eq. 6, [..., 1, n]
-        dots = att.cross_dots(t_hat, image["parts"], layout)  # P_i · T̂
-        s_i = att.attended_cosine(v, dots, image["parts_gram"], "image", layout)[..., 0]  # eqs. 7–8
-        rel = att.cross_dots(text["rga_phrases"], i_hat, layout).transpose(-1, -2)
-        c = att.masked_softmax(rel, att.per_text(mask, layout)[..., None, :])  # eq. 9, [..., 1, M]
-        dots = att.cross_dots(phrases, i_hat, layout).transpose(-1, -2)  # N_j · Î
-        s_t = att.attended_cosine(c, dots, text["phrases_gram"], "text", layout)[..., 0]  # eqs. 10–11
-        return {"s_I": s_i, "s_T": s_t, "v": v[..., 0, :], "c": c[..., 0, :]}
+        s_i = att.attended_cosine(v, dots["T·P"], image["parts_gram"], "image", layout)[..., 0]  # eqs. 7–8
+        mask = att.per_text(text["phrases_mask"], layout)[..., None, :]
+        c = att.masked_softmax(dots["R·I"].transpose(-1, -2), mask)  # eq. 9, [..., 1, M]
+        s_t = att.attended_cosine(c, dots["N·I"].transpose(-1, -2), text["phrases_gram"], "text", layout)
+        return {"s_I": s_i, "s_T": s_t[..., 0], "v": v[..., 0, :], "c": c[..., 0, :]}  # eqs. 10–11
 
-    def _fine(self, text: Features, image: Features, layout: att.Layout) -> dict[str, Tensor]:
+    def _fine(self, text: Features, image: Features, layout: att.Layout, raw: Tensor) -> dict[str, Tensor]:
         """BFM: s_P with α (eqs. 12–14, phrases attend over parts) and s_N with β (eqs. 15–17, parts
-        attend over phrases); both attentions share the cosines of the BFM MLPs' outputs."""
-        parts, phrases = image["parts"], text["phrases"]
+        attend over phrases); both attentions share the cosines of the BFM MLPs' outputs. `raw`: the
+        dots N_j · P_k [..., M, n]."""
         gram_n, gram_p = text["phrases_gram"], image["parts_gram"]
         cos = att.cross_dots(text["bfm_phrases"], image["bfm_parts"], layout)  # [..., M, n]
-        raw = att.cross_dots(phrases, parts, layout)  # N_j · P_k
         n_norm = att.per_text(_diag_norms(gram_n), layout)[..., :, None]
         p_norm = att.per_image(_diag_norms(gram_p), layout)[..., None, :]
         alpha = torch.softmax(cos, dim=-1)  # eq. 13
@@ -365,20 +356,33 @@ class MIA(PairwiseMethod):
         per_part = att.attended_cosine(beta, (raw / p_norm).transpose(-1, -2), gram_n, "text", layout)
         return {"s_P": s_p, "s_N": per_part.mean(-1), "alpha": alpha, "beta": beta}  # eq. 17
 
+    def _shared_dots(self, text: Features, image: Features, layout: att.Layout, which: set[str]) -> Features:
+        """The dot products with Î and with the parts P_i that `which` needs, each of the two image
+        tensors met by all its text vectors in one product (a shortlist's gathered parts are read once,
+        not once per product): "T·I" T̂·Î, "R·I" MLP-T-RGA(N_j)·Î, "N·I" N_j·Î, "T·P" P_i·T̂, "N·P" N_j·P_k."""
+        t_hat, phrases = text["global_unit"][..., None, :], text.get("phrases")
+        relation, fine = bool(which & {"s_I", "s_T"}), bool(which & {"s_P", "s_N"})
+        on_global = {"T·I": t_hat} if "s_G" in which else {}
+        if relation:
+            on_global |= {"R·I": text["rga_phrases"], "N·I": phrases}
+        on_parts = ({"T·P": t_hat} if relation else {}) | ({"N·P": phrases} if fine else {})
+        dots = att.cross_dots_shared(on_global, image["global_unit"][..., None, :], layout)
+        return dots | att.cross_dots_shared(on_parts, image.get("parts"), layout)
+
     def components(
         self, text: Features, image: Features, layout: att.Layout, which: set[str]
     ) -> dict[str, Tensor]:
         """The similarities named in `which` (of s_G, s_I, s_T, s_P, s_N), one per pair of the layout,
         plus the attention weights of the modules computed."""
         text, image = self.text_side(text), self.image_side(image)
+        dots = self._shared_dots(text, image, layout, which)
         out: dict[str, Tensor] = {}
         if "s_G" in which:  # eq. 4
-            t, i = text["global_unit"][..., None, :], image["global_unit"][..., None, :]
-            out["s_G"] = att.cross_dots(t, i, layout)[..., 0, 0]
+            out["s_G"] = dots["T·I"][..., 0, 0]
         if which & {"s_I", "s_T"}:
-            out |= self._relation(text, image, layout)
+            out |= self._relation(text, image, layout, dots)
         if which & {"s_P", "s_N"}:
-            out |= self._fine(text, image, layout)
+            out |= self._fine(text, image, layout, dots["N·P"])
         return out
 
     def _score_terms(self) -> dict[str, float]:

@@ -367,7 +367,8 @@ class NAFS(PairwiseMethod):
     trunk_modules = ("staircase",)
     cfg: NAFSConfig
     score_budget = 1 << 23
-    unit_keys = ("keys", "values", "scales")
+    unit_keys = ("keys", "values", "scales", "unit_keys", "values_norms")  # stored, and from `text_side`
+    square_unit_keys = ("values_gram",)
 
     def __init__(self, cfg: NAFSConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)

@@ -6,6 +6,9 @@ says which text keys hold padded units. This base turns it into the contract's `
 `pair_similarity` and `shortlist_similarity`: texts float32, their unused unit columns trimmed, the
 per-item derived quantities (`text_side` / `image_side`: Gram matrices, unit vectors) computed once per
 item, and texts scored in sub-chunks so no intermediate exceeds `score_budget` elements.
+
+A shortlist is scored in rows of pairs sharing one item (see `_score_pairs`), sorted by how many text
+units the pairs use, so each call trims the padding of its own texts as exact scoring's chunks do.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from pedcli.models.attention import Layout, as_float, gather_rows, trim_units
+from pedcli.models.attention import Layout, as_float, cut_units, gather_rows, trim_units
 from pedcli.models.methods.base import Features, Method, index_features
 
 
@@ -24,10 +27,15 @@ class PairwiseMethod(Method):
 
     # Largest [text, image, units, units] intermediate of one scoring call, in elements.
     score_budget: ClassVar[int] = 1 << 24
-    # Largest copy of shortlisted items [texts, K, item elements] one shortlist scoring call gathers.
+    # Largest copy of shortlisted items [rows, K, item elements] one shortlist scoring call gathers, but
+    # never fewer than `min_gather_rows` rows: MIA's 2 texts per call at this budget spent a third of the
+    # time in per-call overhead, while PMA is faster with this budget than with 4 times more.
     gather_budget: ClassVar[int] = 1 << 22
-    unit_keys: ClassVar[tuple[str, ...]] = ()  # text keys [B, M, ...] with one row per unit slot
-    square_unit_keys: ClassVar[tuple[str, ...]] = ()  # text keys [B, M, M] (stored Gram matrices)
+    min_gather_rows: ClassVar[int] = 8
+    # Text keys [B, M, ...] with one row per unit slot, and [B, M, M] ones (Gram matrices), both those
+    # stored and those `text_side` derives (a shortlist cuts prepared texts to their rows' unit count).
+    unit_keys: ClassVar[tuple[str, ...]] = ()
+    square_unit_keys: ClassVar[tuple[str, ...]] = ()
 
     # ---- what a subclass writes ---------------------------------------------------------------------
     def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
@@ -59,27 +67,36 @@ class PairwiseMethod(Method):
     def _ready_text(self, text: Features) -> Features:
         return self.text_side(self.trim(as_float(text)))
 
-    def _step(self, text: Features, per_text: int, gathered: Features | None = None) -> int:
+    def _step(self, text: Features, per_text: int) -> int:
         """Texts per scoring call such that `per_text` pairs per text keep the largest intermediate under
-        `score_budget` and, for a shortlist, the copy of the `gathered` side's items under
+        `score_budget`."""
+        counts = self._unit_counts(text)
+        return self._rows_per_call(int(counts.max()) if len(counts) else 1, per_text)
+
+    def _rows_per_call(self, units: int, per_row: int, item: int = 0) -> int:
+        """Rows of `per_row` pairs per scoring call, their texts using `units` unit slots: the largest
+        intermediate under `score_budget` and the copy of `item` gathered elements per pair under
         `gather_budget`."""
-        used = self.unit_mask(text)
-        cols = used.any(0).nonzero() if used is not None else None
-        units = int(cols.max()) + 1 if cols is not None and cols.numel() else 1
-        step = self.score_budget // max(1, per_text * self.pair_width(units))
-        if gathered is not None and len(gathered["global"]):
-            item = sum(v[0].numel() for v in gathered.values())
-            step = min(step, self.gather_budget // max(1, per_text * item))
+        step = self.score_budget // max(1, per_row * self.pair_width(units))
+        if item:
+            step = min(step, max(self.min_gather_rows, self.gather_budget // max(1, per_row * item)))
         return max(1, step)
 
-    def _chunks(self, text: Features, per_text: int, gathered: Features | None = None) -> tuple[Tensor, ...]:
+    def _unit_counts(self, text: Features) -> Tensor:
+        """[B] unit slots each text needs (its last valid unit + 1; 1 where texts have no padded units)."""
+        used = self.unit_mask(text)
+        if used is None or not used.shape[1]:
+            return torch.ones(text["global"].shape[0], dtype=torch.long, device=text["global"].device)
+        return (used * torch.arange(1, used.shape[1] + 1, device=used.device)).amax(1).clamp(min=1)
+
+    def _chunks(self, text: Features, per_text: int) -> tuple[Tensor, ...]:
         """Text rows in sub-chunks of similar unit counts (each trims its own padding)."""
         used = self.unit_mask(text)
         if used is None:
             order = torch.arange(text["global"].shape[0], device=text["global"].device)
         else:
             order = torch.argsort(used.sum(1), stable=True)
-        return order.split(self._step(text, per_text, gathered))
+        return order.split(self._step(text, per_text))
 
     def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
         """[n_text, n_image], texts in sub-chunks (see `_chunks`)."""
@@ -98,10 +115,9 @@ class PairwiseMethod(Method):
     ) -> Tensor:
         """[n_query, K] with the same kernels as `similarity`, without a copy of the larger side per pair.
 
-        The pairs are grouped by their item of the side with more elements per item (a PMA image's 36
-        vectors, a NAFS caption's ~70 keys and values): each group is one row that reads that item once,
-        against the other side's items, which are prepared once and gathered per pair. When the queries
-        are that side, the rows are simply the queries and their K items."""
+        The pairs are grouped by their item of the side read most per pair (a PMA image's 36 vectors, a
+        NAFS caption's ~70 keys and values): each group is one row that reads that item once, against
+        the other side's items, which are prepared once and gathered per pair (see `_score_pairs`)."""
         n, k = index.shape
         own_q = torch.arange(n, device=index.device).repeat_interleave(k)
         t_idx, i_idx = (own_q, index.reshape(-1)) if queries == "text" else (index.reshape(-1), own_q)
@@ -110,28 +126,52 @@ class PairwiseMethod(Method):
     def _score_pairs(
         self, text: Features, image: Features, t_idx: Tensor, i_idx: Tensor, width: int
     ) -> Tensor:
-        """Scores of the pairs (t_idx[p], i_idx[p]) in rows of `width` pairs sharing one item. The
-        gathered copies go into buffers reused from chunk to chunk: a fresh large buffer per chunk costs
-        a page fault per page, which made the copies 5-20x slower than the scoring on a 2-core machine."""
-        gather_text = _item_size(text) < _item_size(image)
-        owners, others = (i_idx, t_idx) if gather_text else (t_idx, i_idx)
-        n_owners = (image if gather_text else text)["global"].shape[0]
-        grid, row_owner, slot, order = _group_rows(owners, others, n_owners, width)
+        """Scores of the pairs (t_idx[p], i_idx[p]) in rows of at most `width` pairs sharing one item of
+        the side read most per pair (`_gathers_texts`); the other side's items, prepared once for the
+        whole set, are gathered per pair into buffers reused from call to call. Rows are scored by unit
+        count, each call cutting its texts to their longest: random shortlists share almost no items,
+        so the copies and the skinny GEMMs over them are the cost, and padding would multiply both."""
+        units = self._unit_counts(text)
+        gather_text = self._gathers_texts(text, image, units)
+        if gather_text:  # rows of one image: its texts, fewest units first
+            n_owners, owners, others, key = image["global"].shape[0], i_idx, t_idx, units[t_idx]
+        else:  # rows of one text: its images
+            n_owners, owners, others, key = text["global"].shape[0], t_idx, i_idx, None
+        grid, row_owner, slot, order = _group_rows(owners, others, n_owners, _row_width(owners, width), key)
+        row_units = units[grid].amax(1) if gather_text else units[row_owner]
         gathered = self._ready_text(text) if gather_text else self.image_side(image)
-        scores = torch.empty(grid.shape, device=text["global"].device)
-        step = self._step(gathered if gather_text else text, width, gathered)
-        buffers = {k: v.new_empty((min(step, len(grid)) * width, *v.shape[1:])) for k, v in gathered.items()}
-        for rows in torch.arange(len(grid), device=grid.device).split(step):
-            other = gather_rows(gathered, grid[rows], buffers)
-            if gather_text:
-                own = self.image_side(index_features(image, row_owner[rows]))
-                scores[rows] = self.scores(other, own, "texts_per_image")
-            else:
-                own = self._ready_text(index_features(text, row_owner[rows]))
-                scores[rows] = self.scores(own, other, "images_per_text")
+        scores = torch.empty(grid.shape, device=grid.device)
+        buffers: dict[str, Tensor] = {}
+        for u in row_units.unique().tolist():
+            src = cut_units(gathered, u, self.unit_keys, self.square_unit_keys) if gather_text else gathered
+            step = self._rows_per_call(u, grid.shape[1], _item_size(src))
+            for rows in (row_units == u).nonzero()[:, 0].split(step):
+                other = gather_rows(src, grid[rows], buffers)
+                if gather_text:
+                    own = self.image_side(index_features(image, row_owner[rows]))
+                    scores[rows] = self.scores(other, own, "texts_per_image")
+                else:
+                    own = self._ready_text(index_features(text, row_owner[rows]))
+                    scores[rows] = self.scores(own, other, "images_per_text")
         out = torch.empty(len(owners), device=scores.device)
         out[order] = scores[slot]
         return out
+
+    def _gathers_texts(self, text: Features, image: Features, units: Tensor) -> bool:
+        """Whether a shortlist gathers texts (rows of one image) rather than images: only where a text has
+        at most half the elements of an image (its unit rows counted at the set's mean unit count), as
+        rows of one text need no padding (K images each) and trim their units exactly, rows of one image
+        pad both (measured on MIA, whose texts and images are about the same size: 2.8 s against 3.4 s
+        for 1,000 texts × 500 images)."""
+        if not len(text["global"]) or not len(image["global"]):
+            return False
+        slots = self.unit_mask(text)
+        fill = float(units.float().mean()) / slots.shape[1] if slots is not None and slots.shape[1] else 1.0
+        keys, square = self.unit_keys, self.square_unit_keys
+        per_text = sum(
+            v[0].numel() * (fill**2 if k in square else fill if k in keys else 1.0) for k, v in text.items()
+        )
+        return 2 * per_text <= _item_size(image)
 
 
 def _item_size(feats: Features) -> int:
@@ -139,20 +179,37 @@ def _item_size(feats: Features) -> int:
     return sum(v[0].numel() for v in feats.values()) if len(feats["global"]) else 0
 
 
+def _row_width(owners: Tensor, width: int) -> int:
+    """The row width, at most `width`, that wastes the fewest padded slots on groups of these sizes (a
+    text shortlist gives each image a different number of texts); the widest of equals."""
+    counts = torch.bincount(owners)
+    counts = counts[counts > 0]
+    if not len(counts):
+        return max(1, width)
+    widths = torch.arange(max(1, min(width, 16)), width + 1, device=counts.device)
+    slots = ((counts[None, :] + widths[:, None] - 1) // widths[:, None] * widths[:, None]).sum(1)
+    return int(widths[slots == slots.min()].max())
+
+
 def _group_rows(
-    owners: Tensor, others: Tensor, n_owners: int, width: int
+    owners: Tensor, others: Tensor, n_owners: int, width: int, key: Tensor | None = None
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor]:
-    """Pairs (owners[p], others[p]) grouped by owner into rows of `width` (a group longer than that takes
-    several rows, the last one padded with item 0): (grid [R, width] of `others`, the owner of each row
-    [R], the (row, column) slot of each pair in owner-sorted order, that order)."""
+    """Pairs (owners[p], others[p]) grouped by owner (within an owner in order of `key`) into rows of
+    `width` (a group longer than that takes several rows, the last one padded with its row's first
+    item): (grid [R, width] of `others`, the owner of each row [R], the (row, column) slot of each pair
+    in sorted order, that order)."""
     order = torch.argsort(owners, stable=True)
+    if key is not None:
+        first = torch.argsort(key, stable=True)
+        order = first[torch.argsort(owners[first], stable=True)]
     own, oth = owners[order], others[order]
     counts = torch.bincount(own, minlength=n_owners)
     pos = torch.arange(len(own), device=own.device) - (counts.cumsum(0) - counts)[own]
     rows_per = (counts + width - 1) // width
     row = (rows_per.cumsum(0) - rows_per)[own] + pos // width
     col = pos % width
-    grid = torch.zeros(int(rows_per.sum()), width, dtype=torch.long, device=own.device)
+    grid = torch.full((int(rows_per.sum()), width), -1, dtype=torch.long, device=own.device)
     grid[row, col] = oth
+    grid = torch.where(grid < 0, grid[:, :1], grid)
     row_owner = torch.repeat_interleave(torch.arange(n_owners, device=own.device), rows_per)
     return grid, row_owner, (row, col), order
