@@ -28,6 +28,7 @@ killed comparison resumes where it stopped. Writes OUT/results.json and OUT/resu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -73,6 +74,7 @@ QUICK = Scale(identities=160, frozen=8, e2e=1)  # 56 test identities
 BATCH_CAP = 32
 
 
+@functools.cache
 def paper_batch(method: str) -> int:
     """The largest batch of the method's default stages."""
     info = DataInfo(num_classes=2, vocab_size=4, image_size=(128, 64))

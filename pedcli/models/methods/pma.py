@@ -347,16 +347,13 @@ class PMA(PairwiseMethod):
         fine = self.cfg.fine
         if side == "text":
             pieces = [feats["sentence"]]
-            if fine:
-                units, mask = feats["phrases"] * feats["phrase_norms"][..., None], feats["phrases_mask"]
-                summed = (
-                    att.masked_pool(units, mask)
-                    if self.cfg.fa_pose
-                    else att.masked_pool(feats["phrases"], mask)
-                )
+            if fine and self.cfg.fa_pose:  # the direction of the phrase sum (phrases as ẽ, not unit)
+                phrases = feats["phrases"] * feats["phrase_norms"][..., None]
                 pieces.append(
-                    self.cfg.lambda3 * (F.normalize(summed, dim=-1) if self.cfg.fa_pose else summed)
+                    self.cfg.lambda3 * F.normalize(att.masked_pool(phrases, feats["phrases_mask"]), dim=-1)
                 )
+            elif fine:  # the mean unit phrase
+                pieces.append(self.cfg.lambda3 * att.masked_pool(feats["phrases"], feats["phrases_mask"]))
             return pieces
         pieces = [feats["regions"].mean(1) if self.cfg.coarse else F.normalize(feats["avg"], dim=-1)]
         if fine:
