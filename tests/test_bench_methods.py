@@ -51,7 +51,7 @@ def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_fai
 
     done = bench.run_all(jobs, 2, fake)
     assert peak[0] == 2
-    assert "mgel-granularities_1-s0" not in done and "nafs-without_RVN-s0" in done
+    assert "mgel-granularities-1-s0" not in done and "nafs-without-rvn-s0" in done
     assert len(done) == len({j.name for j in jobs}) - 1
 
 
@@ -73,3 +73,29 @@ def test_batch_rule_caps_the_papers_batch_sizes_at_mgels():
     assert bench.paper_batch("pma") == 128 and bench.paper_batch("mgel") == 32
     assert f"train.batch_size={bench.BATCH_CAP}" in bench.schedule("pma", bench.FULL)
     assert not any(s.startswith("train.batch_size") for s in bench.schedule("mgel", bench.FULL))
+
+
+@pytest.mark.parametrize("method", bench.METHODS)
+def test_every_schedule_spells_the_same_budget(method):
+    """FROZEN epochs with the CNN frozen, then E2E epochs that train it, in each method's own options."""
+    from pedcli.cli_options import parse_assignments
+    from pedcli.engine.train import TrainOptions
+    from pedcli.models.methods.base import DataInfo, create_method, method_class
+
+    scale = bench.FULL
+    opts, train = parse_assignments(bench.schedule(method, scale), method_class(method).Config, TrainOptions)
+    info = DataInfo(num_classes=2, vocab_size=4, image_size=(128, 64))
+    stages = create_method(method, info, {"pretrained": "none", **opts}).default_stages()
+    frozen = [s.epochs for s in stages if s.freeze_trunk]
+    learning = [s.epochs for s in stages if not s.freeze_trunk]
+    assert (sum(frozen), sum(learning)) == (scale.frozen, scale.e2e)
+    assert train.get("batch_size", bench.paper_batch(method)) <= bench.BATCH_CAP
+
+
+def test_variant_rows_train_their_own_runs_beside_the_papers_row():
+    jobs = bench.plan(["han", "baseline"], [0, 1], bench.QUICK, ablations=False)
+    adam = [j for j in jobs if j.row == "han, Adam"]
+    assert [j.name for j in adam] == ["han-adam-s0", "han-adam-s1"]
+    assert all(j.method == "han" and j.sets[-1] == "optimizer=adam" and not j.two_stage for j in adam)
+    assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
+    assert bench.plan(["baseline"], [0], bench.QUICK, ablations=False)[0].name == "baseline-s0"

@@ -220,6 +220,8 @@ def test_unidirectional_lstm_reads_only_the_preceding_words() -> None:
         ({"classification": False}, [("rank",)]),
         ({"rank_directions": "both"}, [("cls",), ("rank", "cls")]),
         ({"stage1_freeze_trunk": True, "stage2_freeze_trunk": True}, [("cls",), ("rank", "cls")]),
+        ({"stage2_frozen_epochs": 2}, [("cls",), ("rank", "cls"), ("rank", "cls")]),
+        ({"stage2_frozen_epochs": 2, "classification": False}, [("rank",), ("rank",)]),
         ({"normalize": True}, [("cls",), ("rank", "cls")]),
     ],
 )
@@ -245,6 +247,15 @@ def test_frozen_stages_leave_the_backbone_out(first: bool, second: bool) -> None
         assert stage.freeze_trunk == frozen
         learning = {name.split(".")[0] for name, _ in m.trainable_parameters(stage)}
         assert ("backbone" in learning) != frozen and "text_encoder" in learning
+
+
+def test_stage2_frozen_epochs_run_the_joint_loss_on_the_frozen_cnn_first() -> None:
+    m = make(stage2_frozen_epochs=3)
+    stages = m.stages(TrainConfig())
+    assert [(s.name, s.epochs, s.freeze_trunk) for s in stages] == [
+        ("classification", 80, False), ("joint_frozen", 3, True), ("joint", 60, False)
+    ]  # fmt: skip
+    assert "backbone" not in {name.split(".")[0] for name, _ in m.trainable_parameters(stages[1])}
 
 
 def test_normalize_puts_features_on_the_unit_sphere() -> None:

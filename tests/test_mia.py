@@ -298,6 +298,11 @@ def test_matching_positives_are_by_image_not_by_person(monkeypatch) -> None:
         ({"global_contrast": False, "relation": False, "schedule": "together"}, [  # Table IV "Fine"
             ("step1", ("identity",)), ("step2", ("identity", "match_p2n", "match_n2p")),
         ]),
+        ({"step2_frozen_epochs": 3, "fine": False}, [  # step 2's objectives on the frozen CNN first
+            ("step1", ("identity",)),
+            ("step2_frozen", ("identity", "match_global", "match_i2t", "match_t2i")),
+            ("step2", ("identity", "match_global", "match_i2t", "match_t2i")),
+        ]),
     ],
 )  # fmt: skip
 def test_schedule_switches(overrides, schedule) -> None:
@@ -307,6 +312,12 @@ def test_schedule_switches(overrides, schedule) -> None:
     for stage in stages:
         if stage.name != "step3":
             assert ("backbone" in learning(m, stage)) != stage.freeze_trunk
+
+
+def test_step2_frozen_epochs_add_a_frozen_copy_of_step2() -> None:
+    _, lead, step2, _ = make(step2_frozen_epochs=3).stages(TrainConfig())
+    assert (lead.epochs, lead.lr, lead.freeze_trunk) == (3, 2e-4, True)
+    assert (step2.epochs, step2.freeze_trunk) == (20, False)
 
 
 def test_merged_steps_train_everything_at_the_step2_rate() -> None:

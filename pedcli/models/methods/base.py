@@ -114,6 +114,16 @@ def apply_overrides(stages: list[Stage], train: TrainConfig) -> list[Stage]:
     return [dataclasses.replace(s, **given) for s in stages]
 
 
+def frozen_lead(stage: Stage, epochs: int) -> list[Stage]:
+    """`stage` preceded by `epochs` epochs of itself with the CNN frozen (on cached maps). Not in any paper:
+    a CPU budget's way to give the objective of a paper's fine-tuning stage the epochs it cannot afford
+    end to end (the papers fine-tune for 20–60 epochs; a CPU comparison affords one or two)."""
+    if epochs <= 0 or stage.freeze_trunk:
+        return [stage]
+    lead = dataclasses.replace(stage, name=f"{stage.name}_frozen", epochs=epochs, freeze_trunk=True)
+    return [lead, stage]
+
+
 class Method(nn.Module):
     """Base class: the contract above, plus helpers the engine uses."""
 

@@ -40,7 +40,9 @@ Departures from the paper, all of them (each an option where it can be one):
   word score uses a learned context vector (the hierarchical attention networks it cites); the decay
   epochs (`stage1_decay_epoch` 60, `stage2_decay_epoch` 40).
 - Not in the paper, off by default: `stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached
-  backbone maps: fast on a CPU), `optimizer=adam` (quick runs), `rank_directions=both`.
+  backbone maps: fast on a CPU), `stage2_frozen_epochs` (that many joint epochs on the frozen CNN before
+  stage 2 fine-tunes it: `frozen_lead` in `base.py`), `optimizer=adam` (quick runs),
+  `rank_directions=both`.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from pedcli.models.backbones import BACKBONES, build_backbone
 from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, similarity_ranking_loss
 from pedcli.models.losses.similarity_ranking import DIRECTIONS
-from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, register_method
+from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, frozen_lead, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
 
 RANKINGS = ("similarity", "plain", "none")  # eq. 15, eq. 14, no ranking loss (Table 5)
@@ -100,6 +102,7 @@ class HANConfig:
     stage2_lr: float = 2e-4
     stage2_decay_epoch: int = 40  # likewise for stage 2
     stage2_freeze_trunk: bool = False  # likewise for stage 2 (not in the paper)
+    stage2_frozen_epochs: int = 0  # stage-2 epochs on the frozen CNN before it learns (not in the paper)
 
     def __post_init__(self) -> None:
         choices = {
@@ -206,11 +209,12 @@ class HAN(Method):
         )
         stage2 = stage("joint", cfg.stage2_epochs, cfg.stage2_lr, joint, cfg.stage2_freeze_trunk, 0.9,
                        cfg.stage2_decay_epoch)  # fmt: skip
+        joint_stages = frozen_lead(stage2, cfg.stage2_frozen_epochs)
         if not cfg.classification:  # Table 5 "ranking only": there is nothing to pre-train with
-            return [stage2]
+            return joint_stages
         stage1 = stage("classification", cfg.stage1_epochs, cfg.stage1_lr, ("cls",), cfg.stage1_freeze_trunk,
                        0.5, cfg.stage1_decay_epoch)  # fmt: skip
-        return [stage1, stage2]
+        return [stage1, *joint_stages]
 
     # ---- image path -------------------------------------------------------------------------------
     def image_trunk(self, batch: Batch) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,9 @@ Departures from the paper, and choices it leaves open (all of them, here):
 - `units="words"` (Table VII) encodes every word on its own, like a one-word phrase.
 - Without GC (`global_contrast=False`) I and T still exist: the identity objective initialises the text
   path with them, RGA is guided by them and the two-stage shortlist ranks by them.
+- `step2_frozen_epochs` (default 0): that many epochs of step 2's objectives with the CNN frozen before
+  step 2 fine-tunes it, for CPU budgets that afford one or two fine-tuning epochs where the paper gives
+  step 2 twenty (`frozen_lead` in `base.py`; the method comparison uses it).
 - Without RGA (`relation=False`: the GC + BFM and Fine rows) no step before step 3 reaches the 1×1
   convolution or the phrase FC, so step 3 trains them with the BFM MLPs (else they would stay random).
 
@@ -73,6 +76,7 @@ from pedcli.models.methods.base import (
     DataInfo,
     Features,
     Stage,
+    frozen_lead,
     index_features,
     one_of,
     register_method,
@@ -134,6 +138,7 @@ class MIAConfig:
     step1_lr: float = 1e-3
     step2_epochs: int = 20
     step2_lr: float = 2e-4
+    step2_frozen_epochs: int = 0  # not in the paper: step-2 epochs on the frozen CNN before its fine-tuning
     step3_epochs: int = 5
     step3_lr: float = 2e-4
 
@@ -255,7 +260,10 @@ class MIA(PairwiseMethod):
         else:
             stages = [
                 self._stage("step1", cfg.step1_epochs, cfg.step1_lr, step1, True),  # eq. 21
-                self._stage("step2", cfg.step2_epochs, cfg.step2_lr, step2, False),  # eq. 22
+                *frozen_lead(
+                    self._stage("step2", cfg.step2_epochs, cfg.step2_lr, step2, False),  # eq. 22
+                    cfg.step2_frozen_epochs,
+                ),
             ]
         if cfg.fine and not together:  # eq. 23: only the two BFM MLPs learn, constant rate ...
             step3 = self._matching(with_bfm=True)[-2:]

@@ -67,12 +67,6 @@ class PairwiseMethod(Method):
     def _ready_text(self, text: Features) -> Features:
         return self.text_side(self.trim(as_float(text)))
 
-    def _step(self, text: Features, per_text: int) -> int:
-        """Texts per scoring call such that `per_text` pairs per text keep the largest intermediate under
-        `score_budget`."""
-        counts = self._unit_counts(text)
-        return self._rows_per_call(int(counts.max()) if len(counts) else 1, per_text)
-
     def _rows_per_call(self, units: int, per_row: int, item: int = 0) -> int:
         """Rows of `per_row` pairs per scoring call, their texts using `units` unit slots: the largest
         intermediate under `score_budget` and the copy of `item` gathered elements per pair under
@@ -90,13 +84,11 @@ class PairwiseMethod(Method):
         return (used * torch.arange(1, used.shape[1] + 1, device=used.device)).amax(1).clamp(min=1)
 
     def _chunks(self, text: Features, per_text: int) -> tuple[Tensor, ...]:
-        """Text rows in sub-chunks of similar unit counts (each trims its own padding)."""
-        used = self.unit_mask(text)
-        if used is None:
-            order = torch.arange(text["global"].shape[0], device=text["global"].device)
-        else:
-            order = torch.argsort(used.sum(1), stable=True)
-        return order.split(self._step(text, per_text))
+        """Text rows in sub-chunks of similar unit counts (each trims its own padding), as many texts per
+        chunk as keep `per_text` pairs per text under `score_budget` at the longest text's units."""
+        counts = self._unit_counts(text)
+        step = self._rows_per_call(int(counts.max()) if len(counts) else 1, per_text)
+        return torch.argsort(counts, stable=True).split(step)
 
     def similarity(self, text_feats: Features, image_feats: Features) -> Tensor:
         """[n_text, n_image], texts in sub-chunks (see `_chunks`)."""
