@@ -3,6 +3,7 @@
     make bench-methods                                  # 6 methods × seeds 0,1,2 (about 2 h on 2 cores)
     python benchmarks/bench_methods.py --quick          # one seed, a smaller set (about 20 min)
     python benchmarks/bench_methods.py --methods mgel baseline --seeds 0,1 --ablations
+    python benchmarks/bench_methods.py --ablations mia nafs  # the main table and two papers' tables
 
 The data is built by the real commands, so anyone can rebuild it: `ped synth --realism hard --seed 0`
 (low resolution, blur, JPEG, camera colour, clutter, occlusion, other views; rough captions), then
@@ -315,7 +316,7 @@ def slug(row: str) -> str:
     return "-".join(row.lower().replace(",", " ").split())
 
 
-def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: bool) -> list[Job]:
+def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: list[str]) -> list[Job]:
     """Main runs seed by seed (a cut-short comparison still has whole seeds), the costliest method first;
     then the ablation rows on the first seed."""
     rows = [(m, m, []) for m in methods]
@@ -334,7 +335,7 @@ def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: bool) ->
         for s in seeds
         for row, m, extra in sorted(rows, key=lambda r: -COST[r[1]])
     ]
-    for m in [m for m in methods if m in ABLATIONS] if ablations else []:
+    for m in [m for m in methods if m in ablations]:
         full = jobs[[j.name for j in jobs].index(f"{m}-s{seeds[0]}")]
         jobs.append(Job(full.name, full.run, m, full.sets, seeds[0], m, FULL_NAME[m]))  # the main run
         for row, extra, eval_args in ABLATIONS[m]:
@@ -371,8 +372,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (--quick: the first only).")
-    ap.add_argument("--quick", action="store_true", help="One seed, 160 identities, shorter schedule.")
-    ap.add_argument("--ablations", action="store_true", help="Also one table per paper, on the first seed.")
+    ap.add_argument("--quick", action="store_true", help="One seed, 160 identities (56 in test).")
+    ap.add_argument(
+        "--ablations",
+        nargs="*",
+        choices=list(ABLATIONS),
+        metavar="METHOD",
+        help="Also one table per paper on the first seed (only the named methods' papers, if any named).",
+    )
     ap.add_argument("--out", type=Path, default=None, help="Work folder (default bench-out/methods[-quick]).")
     ap.add_argument("--threads", type=int, default=1, help="Torch threads of each run (OMP_NUM_THREADS).")
     ap.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with --threads threads).")
@@ -387,7 +394,8 @@ def main() -> None:
     text_pids, image_pids = test_pids(cache)
     chance = chance_r1(text_pids, image_pids)
     n_test = len(set(image_pids))
-    jobs = plan(args.methods, seeds, scale, args.ablations)
+    ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
+    jobs = plan(args.methods, seeds, scale, ablations)
     print(f"chance R@1 on the test split: {chance:.1f} % ({n_test} identities)", flush=True)
     done = run_all(jobs, args.jobs, lambda job: run_one(job, cache, out, env, args.quiet or args.jobs > 1))
     tables: dict[str, dict[str, list[dict]]] = {}

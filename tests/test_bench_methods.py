@@ -19,7 +19,7 @@ _spec.loader.exec_module(bench)
 
 
 def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
-    jobs = bench.plan(["baseline", "nafs", "mgel"], [0, 1], bench.QUICK, ablations=True)
+    jobs = bench.plan(["baseline", "nafs", "mgel"], [0, 1], bench.QUICK, ablations=list(bench.ABLATIONS))
     main = [j for j in jobs if j.table == "methods"]
     assert [(j.method, j.seed) for j in main][:4] == [("mgel", 0), ("nafs", 0), ("baseline", 0), ("mgel", 1)]
     assert {j.name for j in main if j.two_stage} == {"mgel-s0", "nafs-s0", "baseline-s0"}
@@ -32,7 +32,7 @@ def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
 
 
 def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_failure():
-    jobs = bench.plan(["baseline", "nafs", "mgel"], [0], bench.QUICK, ablations=True)
+    jobs = bench.plan(["baseline", "nafs", "mgel"], [0], bench.QUICK, ablations=list(bench.ABLATIONS))
     active, peak, finished, lock = [0], [0], [], threading.Lock()
 
     def fake(job):
@@ -93,9 +93,9 @@ def test_every_schedule_spells_the_same_budget(method):
 
 
 def test_variant_rows_train_their_own_runs_beside_the_papers_row():
-    jobs = bench.plan(["han", "baseline"], [0, 1], bench.QUICK, ablations=False)
+    jobs = bench.plan(["han", "baseline"], [0, 1], bench.QUICK, ablations=[])
     adam = [j for j in jobs if j.row == "han, Adam"]
     assert [j.name for j in adam] == ["han-adam-s0", "han-adam-s1"]
     assert all(j.method == "han" and j.sets[-1] == "optimizer=adam" and not j.two_stage for j in adam)
     assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
-    assert bench.plan(["baseline"], [0], bench.QUICK, ablations=False)[0].name == "baseline-s0"
+    assert bench.plan(["baseline"], [0], bench.QUICK, ablations=[])[0].name == "baseline-s0"
