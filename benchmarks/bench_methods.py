@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -312,8 +313,8 @@ class Job:
 
 
 def slug(row: str) -> str:
-    """A row label as a file name: "han, Adam" → "han-adam"."""
-    return "-".join(row.lower().replace(",", " ").split())
+    """A row label as a file name: "han, Adam" → "han-adam", "global + relation" → "global-relation"."""
+    return "-".join(re.findall(r"[a-z0-9]+", row.lower()))
 
 
 def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: list[str]) -> list[Job]:

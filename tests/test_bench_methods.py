@@ -99,3 +99,4 @@ def test_variant_rows_train_their_own_runs_beside_the_papers_row():
     assert all(j.method == "han" and j.sets[-1] == "optimizer=adam" and not j.two_stage for j in adam)
     assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
     assert bench.plan(["baseline"], [0], bench.QUICK, ablations=[])[0].name == "baseline-s0"
+    assert bench.slug("global + relation") == "global-relation"
