@@ -256,6 +256,8 @@ def test_stage2_frozen_epochs_run_the_joint_loss_on_the_frozen_cnn_first() -> No
         ("classification", 80, False), ("joint_frozen", 3, True), ("joint", 60, False)
     ]  # fmt: skip
     assert "backbone" not in {name.split(".")[0] for name, _ in m.trainable_parameters(stages[1])}
+    frozen = make(stage2_frozen_epochs=3, stage2_freeze_trunk=True).stages(TrainConfig())
+    assert [(s.name, s.epochs, s.freeze_trunk) for s in frozen][1:] == [("joint", 63, True)]
 
 
 def test_normalize_puts_features_on_the_unit_sphere() -> None:

@@ -318,6 +318,8 @@ def test_step2_frozen_epochs_add_a_frozen_copy_of_step2() -> None:
     _, lead, step2, _ = make(step2_frozen_epochs=3).stages(TrainConfig())
     assert (lead.epochs, lead.lr, lead.freeze_trunk) == (3, 2e-4, True)
     assert (step2.epochs, step2.freeze_trunk) == (20, False)
+    with pytest.raises(PedError, match="step2_frozen_epochs"):
+        make(step2_frozen_epochs=3, merge_steps=True)
 
 
 def test_merged_steps_train_everything_at_the_step2_rate() -> None:

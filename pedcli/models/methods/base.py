@@ -118,8 +118,10 @@ def frozen_lead(stage: Stage, epochs: int) -> list[Stage]:
     """`stage` preceded by `epochs` epochs of itself with the CNN frozen (on cached maps). Not in any paper:
     a CPU budget's way to give the objective of a paper's fine-tuning stage the epochs it cannot afford
     end to end (the papers fine-tune for 20–60 epochs; a CPU comparison affords one or two)."""
-    if epochs <= 0 or stage.freeze_trunk:
+    if epochs <= 0:
         return [stage]
+    if stage.freeze_trunk:  # already frozen: the lead is more of the same stage
+        return [dataclasses.replace(stage, epochs=stage.epochs + epochs)]
     lead = dataclasses.replace(stage, name=f"{stage.name}_frozen", epochs=epochs, freeze_trunk=True)
     return [lead, stage]
 

@@ -158,6 +158,9 @@ class MIAConfig:
             (min(self.embed_dim, self.hidden, self.word_dim, self.mlp_hidden, self.parts) > 0,
              "MIA embed_dim, hidden, word_dim, mlp_hidden and parts must be positive", "e.g. parts=6"),
             (self.last_stride in (1, 2), f"last_stride must be 1 or 2, got {self.last_stride}", ""),
+            (not (self.merge_steps and self.step2_frozen_epochs),
+             "step2_frozen_epochs needs step 2 as a stage of its own",
+             "drop merge_steps or step2_frozen_epochs"),
         ]  # fmt: skip
         require(checks)
 
