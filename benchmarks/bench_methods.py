@@ -1,7 +1,7 @@
 """Method comparison: every method trained and tested on one fixed hard synthetic benchmark.
 
     make bench-methods                                  # 6 methods × seeds 0,1,2 (about 2 h on 2 cores)
-    python benchmarks/bench_methods.py --quick          # one seed, a smaller set (about 20 min)
+    python benchmarks/bench_methods.py --quick          # one seed, a smaller set (~20 min, not timed)
     python benchmarks/bench_methods.py --methods mgel baseline --seeds 0,1 --ablations
     python benchmarks/bench_methods.py --ablations mia nafs  # the main table and two papers' tables
 
@@ -122,8 +122,9 @@ def schedule(method: str, s: Scale) -> list[str]:
 
 
 # Extra rows of the main table: a method with an option its paper does not use, where the paper's own
-# recipe cannot learn in this budget. The paper's row stays beside it. HAN's SGD (momentum 0.5, lr 1e-3)
-# is sized for 140 epochs; in 9 its classification loss moves from 10.36 to 10.17.
+# recipe cannot learn in this budget. The paper's row stays beside it. HAN's SGD is sized for 80 + 60
+# epochs; in 4 + 4 (seed 0) its losses moved 10.36 → 10.27 and 12.43 → 12.28 (Adam: 10.46 → 7.79,
+# 7.16 → 3.28).
 VARIANTS: dict[str, tuple[str, list[str]]] = {"han, Adam": ("han", ["optimizer=adam"])}
 
 # One table per paper (`ped train --set`), on the first seed; the full model is the main table's run.
