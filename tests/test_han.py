@@ -256,8 +256,15 @@ def test_stage2_frozen_epochs_run_the_joint_loss_on_the_frozen_cnn_first() -> No
         ("classification", 80, False), ("joint_frozen", 3, True), ("joint", 60, False)
     ]  # fmt: skip
     assert "backbone" not in {name.split(".")[0] for name, _ in m.trainable_parameters(stages[1])}
+    assert [s.lr for s in stages] == [1e-3, 1e-3, 2e-4]  # the lead at `stage2_frozen_lr`
     frozen = make(stage2_frozen_epochs=3, stage2_freeze_trunk=True).stages(TrainConfig())
-    assert [(s.name, s.epochs, s.freeze_trunk) for s in frozen][1:] == [("joint", 63, True)]
+    assert [(s.name, s.epochs, s.freeze_trunk, s.lr) for s in frozen][1:] == [
+        ("joint_frozen", 3, True, 1e-3), ("joint", 60, True, 2e-4)
+    ]  # fmt: skip
+    same_rate = make(stage2_frozen_epochs=3, stage2_freeze_trunk=True, stage2_frozen_lr=2e-4)
+    assert [(s.name, s.epochs, s.freeze_trunk) for s in same_rate.stages(TrainConfig())][1:] == [
+        ("joint", 63, True)
+    ]  # fmt: skip
 
 
 def test_normalize_puts_features_on_the_unit_sphere() -> None:

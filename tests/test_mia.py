@@ -316,7 +316,8 @@ def test_schedule_switches(overrides, schedule) -> None:
 
 def test_step2_frozen_epochs_add_a_frozen_copy_of_step2() -> None:
     _, lead, step2, _ = make(step2_frozen_epochs=3).stages(TrainConfig())
-    assert (lead.epochs, lead.lr, lead.freeze_trunk) == (3, 2e-4, True)
+    assert (lead.epochs, lead.lr, lead.freeze_trunk) == (3, 1e-3, True)  # `step2_frozen_lr`, step 1's rate
+    assert step2.lr == 2e-4
     assert (step2.epochs, step2.freeze_trunk) == (20, False)
     with pytest.raises(PedError, match="step2_frozen_epochs"):
         make(step2_frozen_epochs=3, merge_steps=True)

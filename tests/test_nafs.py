@@ -282,8 +282,13 @@ def test_feature_shapes_and_schedule(model) -> None:
     (joint,) = model.stages(TrainConfig())
     assert (joint.lr, joint.lr_mult, joint.losses) == (1.1e-3, {"staircase": 0.1, "text": 0.1},
                                                        ("cmpm", "cmpc", "csal"))  # fmt: skip
-    warm, _ = make(frozen_epochs=2, pretrained="none").stages(TrainConfig())
-    assert warm.freeze_trunk and warm.epochs == 2 and {"staircase", "text"}.isdisjoint(warm.trainable)
+    m = make(frozen_epochs=2, pretrained="none")
+    warm, _ = m.stages(TrainConfig())
+    learning = {name.split(".")[0] for name, _ in m.trainable_parameters(warm)}
+    assert warm.freeze_trunk and warm.epochs == 2 and warm.lr_mult == {"text": 0.1}
+    assert "text" in learning and "staircase" not in learning  # BERT learns at the extractor rate
+    warm, _ = make(frozen_epochs=2, pretrained="none", warmup_text=False).stages(TrainConfig())
+    assert {"staircase", "text"}.isdisjoint(warm.trainable)
 
 
 BILSTM = {"word_dim": 5, "lstm_hidden": 6}

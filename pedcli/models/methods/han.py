@@ -41,7 +41,8 @@ Departures from the paper, all of them (each an option where it can be one):
   epochs (`stage1_decay_epoch` 60, `stage2_decay_epoch` 40).
 - Not in the paper, off by default: `stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached
   backbone maps: fast on a CPU), `stage2_frozen_epochs` (that many joint epochs on the frozen CNN before
-  stage 2 fine-tunes it: `frozen_lead` in `base.py`), `optimizer=adam` (quick runs),
+  stage 2 fine-tunes it: `frozen_lead` in `base.py`) at `stage2_frozen_lr` (1e-3, the paper's stage-1
+  rate: stage 2's 2e-4 is for a network that has trained 80 epochs), `optimizer=adam` (quick runs),
   `rank_directions=both`.
 """
 
@@ -103,6 +104,7 @@ class HANConfig:
     stage2_decay_epoch: int = 40  # likewise for stage 2
     stage2_freeze_trunk: bool = False  # likewise for stage 2 (not in the paper)
     stage2_frozen_epochs: int = 0  # stage-2 epochs on the frozen CNN before it learns (not in the paper)
+    stage2_frozen_lr: float = 1e-3  # their rate: the paper's stage-1 rate (heads that start untrained)
 
     def __post_init__(self) -> None:
         choices = {
@@ -209,7 +211,7 @@ class HAN(Method):
         )
         stage2 = stage("joint", cfg.stage2_epochs, cfg.stage2_lr, joint, cfg.stage2_freeze_trunk, 0.9,
                        cfg.stage2_decay_epoch)  # fmt: skip
-        joint_stages = frozen_lead(stage2, cfg.stage2_frozen_epochs)
+        joint_stages = frozen_lead(stage2, cfg.stage2_frozen_epochs, cfg.stage2_frozen_lr)
         if not cfg.classification:  # Table 5 "ranking only": there is nothing to pre-train with
             return joint_stages
         stage1 = stage("classification", cfg.stage1_epochs, cfg.stage1_lr, ("cls",), cfg.stage1_freeze_trunk,
