@@ -34,8 +34,10 @@ def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
 def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_failure():
     jobs = bench.plan(["baseline", "nafs", "mgel"], [0], bench.QUICK, ablations=list(bench.ABLATIONS))
     active, peak, finished, lock = [0], [0], [], threading.Lock()
+    two_stage = {}
 
     def fake(job):
+        two_stage[job.name] = job.two_stage
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
@@ -53,6 +55,7 @@ def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_fai
     assert peak[0] == 2
     assert "mgel-granularities-1-s0" not in done and "nafs-without-rvn-s0" in done
     assert len(done) == len({j.name for j in jobs}) - 1
+    assert two_stage["nafs-s0"] and two_stage["mgel-s0"]  # the main run, not its ablation-table repeat
 
 
 @pytest.mark.parametrize(
@@ -99,4 +102,7 @@ def test_variant_rows_train_their_own_runs_beside_the_papers_row():
     assert all(j.method == "han" and j.sets[-1] == "optimizer=adam" and not j.two_stage for j in adam)
     assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
     assert bench.plan(["baseline"], [0], bench.QUICK, ablations=[])[0].name == "baseline-s0"
+    table = [j for j in bench.plan(["han"], [0], bench.QUICK, ablations=["han"]) if j.table == "han"]
+    assert table[0].name == "han-adam-s0"  # HAN's table ablates the variant that learns (ABLATION_BASE)
+    assert all(j.sets[: len(table[0].sets)] == table[0].sets for j in table)
     assert bench.slug("global + relation") == "global-relation"
