@@ -33,7 +33,8 @@ Departures from the paper, and choices it leaves open (all of them, here):
 - Backbone: MobileNetV2 (ImageNet weights ship offline) instead of VGG-16 / ResNet-50. At 384×128 and
   the default `last_stride=1` its last map is 24×8, the paper's ResNet-50 map (4 rows per stripe);
   `last_stride=2` gives VGG-16's 12×4. On the comparison's 128×64 images stride 32 leaves 4 rows for
-  6 stripes; seed 0 there, validation / test R@1: 16.2 / 6.6 at stride 32, 26.8 / 7.3 at stride 16.
+  6 stripes; seed 0 there (step 2's lead at 1e-3), validation / test R@1: 16.2 / 6.6 at stride 32,
+  26.8 / 7.3 at stride 16.
 - The 1×1 convolution's width: §IV-B says the MLPs map parts "from the dimension of 256 to P = 1024",
   but eqs. 7–8, 12–14 and 17 take cosines of aggregated *parts* with 1024-d text vectors, so the parts
   must live in that space: the 1×1 convolution maps the C channels to `embed_dim` (1024, not 256) and

@@ -60,8 +60,8 @@ Departures from the paper, and choices it leaves open (all of them, here):
   features only is refused rather than silently changed.
 - Not in the paper, off by default: `frozen_epochs`, a warm-up with the CNN frozen (on cached maps)
   before the joint stage. The text extractor learns in it at its §4.1 rate (`warmup_text`; false fixes
-  it too, about 3× faster on a CPU). On the method comparison (seed 0, 8 warm-up epochs) test R@1 was
-  6.9 with BERT fixed and 12.9 with it learning.
+  it too, about 3× faster on a CPU). On the method comparison (seed 0, 8 warm-up epochs, RVN on) test
+  R@1 was 7.9 with BERT fixed and 12.9 with it learning.
 
 Scoring all pairs needs two [units × units] dot-product matrices per pair (queries·keys and
 values·values); the attended vectors are never formed: their norms come from Gram matrices
