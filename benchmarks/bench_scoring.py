@@ -5,6 +5,8 @@
     python benchmarks/bench_scoring.py --texts 1000 --images 500        # a quicker, smaller run
     python benchmarks/bench_scoring.py --exact-texts 300     # exact timed on 300 captions, scaled
     OMP_NUM_THREADS=1 python benchmarks/bench_scoring.py --cpu-time   # on a machine busy with other jobs
+    python benchmarks/bench_scoring.py --methods pma --profile        # where two-stage time goes
+    python benchmarks/bench_scoring.py --exact-texts 100 --score-budget 24   # another score_budget
 
 For each method: random stored features of the paper's real widths (float16, as `ped embed` stores
 them) go through the engine's exact `score_matrix` and its two-stage `two_stage_scores` (cosine
@@ -30,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pedcli.engine.retrieval.scoring import score_matrix, two_stage_scores
 from pedcli.models.methods import mia
 from pedcli.models.methods.base import DataInfo, Features, Method, create_method
+from pedcli.models.methods.pairwise import PairwiseMethod
 
 CUHK_TEXTS, CUHK_IMAGES = 6156, 3074
 CUHK_INFO = DataInfo(num_classes=11003, vocab_size=4984)  # PMA's vocabulary after min-count 2
@@ -138,6 +141,7 @@ def bench(
     exact_texts: int,
     sample: int = 64,
     clock: Callable[[], float] = time.perf_counter,
+    profile: bool = False,
 ) -> None:
     g = torch.Generator().manual_seed(0)
     method, text, image = FEATURE_MAKERS[name](n_text, n_image, g)
@@ -153,6 +157,10 @@ def bench(
     start = clock()
     two_stage_scores(method, text, image, k)
     two = clock() - start
+    if profile:  # where the two-stage time goes, by operator (process CPU seconds)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            two_stage_scores(method, text, image, k)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
     ex, tw = exact_flops / 1e9, two_flops / 1e9
     print(f"{name}: {n_text} texts × {n_image} images on {torch.get_num_threads()} thread(s): "
           f"exact {exact:.1f} s{how} ({ex:.0f} GFLOP, {ex / exact:.1f} GFLOP/s, bound {ex / peak:.1f} s); "
@@ -174,12 +182,18 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by this process's CPU seconds instead of the wall clock: on a machine "
                         "shared with other jobs, with one thread (OMP_NUM_THREADS=1)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also profile each two-stage run by operator")
+    parser.add_argument("--score-budget", type=int, default=0,
+                        help="log2 of PairwiseMethod.score_budget to try (0: the default)")  # fmt: skip
     args = parser.parse_args()
+    if args.score_budget:
+        PairwiseMethod.score_budget = 1 << args.score_budget
     clock = time.process_time if args.cpu_time else time.perf_counter
     peak = gemm_gflops(clock=clock)
     print(f"plain float32 GEMM: {peak:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)", flush=True)
     for name in args.methods:
-        bench(name, args.texts, args.images, args.k, peak, args.exact_texts, clock=clock)
+        bench(name, args.texts, args.images, args.k, peak, args.exact_texts, clock=clock,
+              profile=args.profile)  # fmt: skip
 
 
 if __name__ == "__main__":

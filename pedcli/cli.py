@@ -367,7 +367,9 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout instead of tables."),
     html: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML page here."),
     index: str = typer.Option(
-        "auto", "--index", help="Shortlist search: auto, flat (exact), faiss (IVF), sq8 or pq (compressed)."
+        "auto",
+        "--index",
+        help="Shortlist search: auto, flat (exact), faiss (IVF), sq8 or pq (compressed; auto: pq above 2M).",
     ),
     rerank_top: int = typer.Option(
         100, "--rerank-top", min=1, help="Score this many cosine-shortlisted images exactly per query."

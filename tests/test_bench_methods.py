@@ -21,7 +21,7 @@ _spec.loader.exec_module(bench)
 def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
     jobs = bench.plan(["baseline", "nafs", "mgel"], [0, 1], bench.QUICK, ablations=list(bench.ABLATIONS))
     main = [j for j in jobs if j.table == "methods"]
-    assert [(j.method, j.seed) for j in main][:4] == [("mgel", 0), ("nafs", 0), ("baseline", 0), ("mgel", 1)]
+    assert [(j.method, j.seed) for j in main][:4] == [("nafs", 0), ("mgel", 0), ("baseline", 0), ("nafs", 1)]
     assert {j.name for j in main if j.two_stage} == {"mgel-s0", "nafs-s0", "baseline-s0"}
     no_rvn = next(j for j in jobs if j.row == "without RVN")
     assert no_rvn.run == "nafs-s0" and no_rvn.eval_args == ["--rerank", "none"]
@@ -67,9 +67,16 @@ def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_fai
     ],  # fmt: skip
 )
 def test_separation_needs_more_than_twice_the_larger_std(base, other, verdict):
-    row = lambda r1: {"t2i": {"R@1": r1}}  # noqa: E731
+    row = lambda r1: {"t2i": {"R@1": r1}, "seeds": [0, 1, 2]}  # noqa: E731
     text = bench.separation({"baseline": row(base), "mgel": row(other)})
     assert verdict in text
+
+
+def test_one_seed_gives_no_verdict():
+    """With one seed there is no spread: "2σ = 0.0: beats it" would claim what it cannot show."""
+    row = {"t2i": {"R@1": (13.0, 0.0)}, "seeds": [0]}
+    text = bench.separation({"baseline": {"t2i": {"R@1": (10.0, 0.0)}, "seeds": [0]}, "mgel": row})
+    assert "one seed" in text and "beats" not in text
 
 
 def test_batch_rule_caps_the_papers_batch_sizes_at_mgels():

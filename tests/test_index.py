@@ -71,6 +71,24 @@ def test_removed_rows_are_masked(tmp_path: Path) -> None:
         assert len(found) == 5 and not set(found) & set(range(40, 60))
 
 
+def test_fast_scan_pq_masks_removed_rows_and_takes_new_ones(tmp_path: Path) -> None:
+    """`auto`'s choice for many millions: its selector, in-place adds and wider probing work as IVF's."""
+    store = clustered(12_500)
+    index = FaissIndex.build(store[:12_000], "pq")
+    assert index.nprobe == min(index.index.nlist, 2 * index_mod.default_nprobe(index.index.nlist))
+    q = store[40:41].astype(np.float32)
+    alive = np.ones(12_500, bool)
+    assert set(index.search(q, 5, alive)[1][0]) <= set(range(40, 60))  # the query's identity (4-bit codes)
+    alive[40:60] = False
+    found = index.search(q, 5, alive)[1][0]
+    assert len(found) == 5 and not set(found) & set(range(40, 60))
+    index.add(store, 12_000)
+    index.save(tmp_path / "pq.index")
+    reopened = FaissIndex.load(tmp_path / "pq.index")
+    new = store[12_300:12_301].astype(np.float32)
+    assert reopened.ntotal == 12_500 and set(reopened.search(new, 5)[1][0]) <= set(range(12_300, 12_320))
+
+
 def test_retrained_only_after_the_stated_growth(tmp_path: Path, builds: list[int]) -> None:
     store = clustered(16_384 * 4 + 64, d=8)
     alive = np.ones(len(store), bool)
@@ -94,4 +112,4 @@ def test_every_kind_shortlists_the_exact_neighbours(tmp_path: Path, kind: str) -
 
 
 def test_auto_compresses_only_very_large_galleries() -> None:
-    assert [choose_index("auto", n) for n in (1000, 1_000_000, 10_000_000)] == ["flat", "faiss", "sq8"]
+    assert [choose_index("auto", n) for n in (1000, 1_000_000, 10_000_000)] == ["flat", "faiss", "pq"]

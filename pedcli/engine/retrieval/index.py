@@ -3,16 +3,19 @@
 `flat`: exact; the float16 store is scanned in chunks (converted and L2-normalised per chunk), so memory
 stays bounded and nothing is built. `faiss`: an inverted-file index (IVF, √N-ish lists, float16 scalar
 quantiser) over the L2-normalised vectors with inner product, ids = store rows; `sq8` (8-bit scalar
-quantiser, 1/2 the size) and `pq` (product quantiser, D/8 bytes a vector, 1/16) are the compressed variants
-for galleries of many millions: the shortlist they return is re-scored exactly from the memory-mapped
-store by `ped query`, so compression costs recall of the shortlist only. IVF rather than HNSW because it
-trains on a sample and recall is tuned at query time by `nprobe`.
+quantiser, 1/2 the size) and `pq` (product quantiser of D/4 4-bit codes scanned with SIMD table lookups,
+"fast scan": D/8 bytes a vector, 1/16) are the compressed variants for galleries of many millions: the
+shortlist they return is re-scored exactly from the memory-mapped store by `ped query`, so compression
+costs recall of the shortlist only. IVF rather than HNSW because it trains on a sample and recall is
+tuned at query time by `nprobe`.
 
 The index is built once per store generation and then kept up to date in place (`search_store`): rows the
 store appended since are scanned exactly (a "tail") and, once the tail exceeds `fold_limit`, added to the
 trained inverted lists; rows of removed images are masked at search time (an id selector), never
 re-indexed; the coarse quantiser is retrained only when the store has grown `RETRAIN_GROWTH`× since
-training. `auto` picks flat up to `FLAT_LIMIT` items, faiss up to `COMPRESS_ABOVE`, sq8 above.
+training. `auto` picks flat up to `FLAT_LIMIT` items, faiss up to `COMPRESS_ABOVE`, pq above: at 10M
+sq8 scanned the 256 lists of 0.95 recall in 35 ms a query, pq's whole query with 512 lists took 8.5 ms
+(benchmarks/bench_query.py).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import torch
 from pedcli.errors import PedError
 from pedcli.fileio import atomic_path
 
-FACTORY = {"faiss": "SQfp16", "sq8": "SQ8", "pq": "PQ{m}x8"}  # the IVF index's vector codes
+FACTORY = {"faiss": "SQfp16", "sq8": "SQ8", "pq": "PQ{m}x4fs"}  # the IVF index's vector codes, m = D/4
 INDEX_KINDS = ("auto", "flat", *FACTORY)
 FLAT_LIMIT = 50_000
-COMPRESS_ABOVE = 2_000_000  # `auto` chooses sq8 above: 10M float16 vectors of 256-d would be 5 GB
+COMPRESS_ABOVE = 2_000_000  # `auto` chooses pq above: 10M float16 vectors of 256-d would be 5 GB
 RETRAIN_GROWTH = 4  # rebuild (retrain the coarse quantiser) once the store has 4× the rows it trained on
-PQ_MIN = 10_000  # a product quantiser trains 256 codes per sub-vector: too few images make it fail
+PQ_MIN = 10_000  # below this a product quantiser's codes train on too few images (and flat is fast)
 FOLD_MIN = 20_000  # tail rows scanned exactly before they are added to the index (or 2% of the index)
 FLAT_CHUNK = 65_536
 TRAIN_PER_LIST = 64  # k-means training points per inverted list
@@ -113,8 +116,10 @@ class FaissIndex:
         n, d = base.shape
         if kind == "pq" and n < PQ_MIN:
             raise PedError(f"--index pq needs at least {PQ_MIN:,} images ({n:,} here)", "use --index faiss")
+        if kind == "pq" and d % 4:
+            raise PedError(f"--index pq needs a feature width divisible by 4, not {d}", "use --index sq8")
         nlist = ivf_lists(n)
-        codes = FACTORY[kind].format(m=max(1, d // 8))
+        codes = FACTORY[kind].format(m=d // 4)
         index = cls(faiss.index_factory(d, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT))
         if hasattr(index.index, "do_polysemous_training"):
             index.index.do_polysemous_training = False  # Hamming pre-filter codes we never use: slow to train
@@ -122,7 +127,7 @@ class FaissIndex:
         sample = np.sort(rng.choice(n, min(n, max(nlist * TRAIN_PER_LIST * 4, 16_384)), replace=False))
         index.index.train(normalize_rows(base[sample]))
         index.add(base, 0)
-        index.nprobe = default_nprobe(nlist)
+        index.nprobe = index.default_nprobe()
         return index
 
     def add(self, base: np.ndarray, start: int, chunk: int = FLAT_CHUNK) -> None:
@@ -138,8 +143,14 @@ class FaissIndex:
         faiss = cls._faiss()
         flags = 0 if writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
         index = cls(faiss.read_index(str(path), flags))
-        index.nprobe = default_nprobe(index.index.nlist)
+        index.nprobe = index.default_nprobe()
         return index
+
+    def default_nprobe(self) -> int:
+        """`default_nprobe` of this index's lists, twice that for fast-scan codes (`pq`), whose scan of a
+        list costs a fraction of the others'."""
+        fast = isinstance(self.index, self._faiss().IndexIVFFastScan)
+        return min(self.index.nlist, default_nprobe(self.index.nlist) * (2 if fast else 1))
 
     def save(self, path: Path) -> None:
         with atomic_path(path, suffix=".index") as tmp:
@@ -172,9 +183,11 @@ class FaissIndex:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: 1/8 of them, at least 8 (benchmarks/bench_query.py: recall@10 of 1/16 was
-    0.99 at 100k but 0.94 at 1M; 1/8 costs a few ms more)."""
-    return min(nlist, max(8, nlist // 8))
+    """Lists scanned per query: 4·√nlist, at least 8 (benchmarks/bench_query.py, recall@10 after the exact
+    re-scoring: at 1M, nlist 1024, 128 lists gave 0.978 and 64 gave 0.94; at 10M, nlist 4096, with sq8
+    codes, 512 gave 0.99 in 64 ms, 256 gave 0.954 in 35 ms and 128 gave 0.906 in 20 ms). A fixed fraction
+    of the lists would scan 10× the vectors at 10× the gallery; the lists needed grow more slowly."""
+    return min(nlist, max(8, round(4 * math.sqrt(nlist))))
 
 
 def choose_index(kind: str, n: int) -> str:
@@ -182,7 +195,7 @@ def choose_index(kind: str, n: int) -> str:
         raise PedError(f"unknown index {kind!r}", f"choose one of {', '.join(INDEX_KINDS)}")
     if kind != "auto":
         return kind
-    return "flat" if n <= FLAT_LIMIT else "faiss" if n <= COMPRESS_ABOVE else "sq8"
+    return "flat" if n <= FLAT_LIMIT else "faiss" if n <= COMPRESS_ABOVE else "pq"
 
 
 def fold_limit(indexed: int) -> int:

@@ -119,13 +119,10 @@ def shortlist_rows(
 ) -> list[np.ndarray]:
     """Per query, up to k store rows of the current gallery, best cosine first (`search_store`: rows of
     images no longer in the gallery are masked)."""
-    base = gallery.features["global"]
-    alive = np.zeros(base.shape[0], dtype=bool)
-    alive[gallery.rows] = True
     gen = gallery.generation
     rows = search_store(
-        base,
-        alive,
+        gallery.features["global"],
+        gallery.alive,
         query_global,
         k,
         index,

@@ -346,12 +346,13 @@ def contextual_attention(
 
 
 def _side(feats: Features, attending: str) -> Features:
-    """One side's features with what its attention reads per item: its `attending` units (queries or
-    keys) at unit length as "unit_<attending>", its values' Gram matrix and norms. Idempotent."""
+    """One side's features as its attention reads them per item: its `attending` units (queries or
+    keys) replaced by their unit-length "unit_<attending>" (only cosines read them: a shortlist then
+    gathers a third less per image), its values' Gram matrix and norms added. Idempotent."""
     if attending not in feats or "values_gram" in feats:
         return feats
     values = feats["values"]
-    return feats | {
+    return {k: v for k, v in feats.items() if k != attending} | {
         f"unit_{attending}": F.normalize(feats[attending], dim=-1),
         "values_gram": values @ values.transpose(-1, -2),
         "values_norms": values.norm(dim=-1),
@@ -371,7 +372,6 @@ class NAFS(PairwiseMethod):
     Config = NAFSConfig
     trunk_modules = ("staircase",)
     cfg: NAFSConfig
-    score_budget = 1 << 23
     unit_keys = ("keys", "values", "scales", "unit_keys", "values_norms")  # stored, and from `text_side`
     square_unit_keys = ("values_gram",)
 
@@ -514,11 +514,11 @@ class NAFS(PairwiseMethod):
         return text["scales"] > 0 if "scales" in text else None
 
     def text_side(self, text: Features) -> Features:
-        """Adds the unit-length keys "unit_keys", the values' Gram matrix and norms."""
+        """The keys at unit length ("unit_keys", replacing "keys"), the values' Gram matrix and norms."""
         return _side(super().text_side(text), "keys")
 
     def image_side(self, image: Features) -> Features:
-        """Adds the unit-length queries "unit_queries", the values' Gram matrix and norms."""
+        """The queries at unit length ("unit_queries", replacing "queries"), the values' Gram and norms."""
         return _side(super().image_side(image), "queries")
 
     def _attention(

@@ -25,8 +25,13 @@ from pedcli.models.methods.base import Features, Method, index_features
 class PairwiseMethod(Method):
     """Base of the cross-attention methods: everything but the score itself written once."""
 
-    # Largest [text, image, units, units] intermediate of one scoring call, in elements.
-    score_budget: ClassVar[int] = 1 << 24
+    # Largest [text, image, units, units] intermediate of one scoring call, in elements: 8 MB of float32,
+    # so a call's few intermediates stay in a 32 MB L3 cache between their elementwise passes. Exact
+    # scoring at the CUHK-PEDES size, one thread (`bench_scoring.py --cpu-time --score-budget N`, process
+    # CPU seconds beside two other jobs): 1 << 21 against 1 << 24 took MIA 137-141 s against 182-196,
+    # PMA 111-117 against 126-140, NAFS (1 << 23 before) 359-363 against 452-457; 1 << 18 and 1 << 19
+    # were slower again.
+    score_budget: ClassVar[int] = 1 << 21
     # Largest copy of shortlisted items [rows, K, item elements] one shortlist scoring call gathers, but
     # never fewer than `min_gather_rows` rows: MIA's 2 texts per call at this budget spent a third of the
     # time in per-call overhead, while PMA is faster with this budget than with 4 times more.
