@@ -288,7 +288,7 @@ def separation(methods: dict[str, dict]) -> str:
         if name == "baseline":
             continue
         mean, gap = s["t2i"]["R@1"][0], 2 * max(s["t2i"]["R@1"][1], base[1])
-        if min(len(s.get("seeds", ())), len(methods["baseline"].get("seeds", ()))) < 2:
+        if min(len(s["seeds"]), len(methods["baseline"]["seeds"])) < 2:
             lines.append(f"- {name}: {mean - base[0]:+.1f} points (one seed: no spread to compare with)")
             continue
         verdict = "beats it" if mean - base[0] > gap else "does not separate from it"
