@@ -26,6 +26,7 @@ from pedcli.engine.train import TrainOptions, train
 from pedcli.engine.trunk_cache import open_trunk_cache, trunk_key
 from pedcli.errors import PedError
 from pedcli.models.methods import TrainConfig, create_method
+from pedcli.models.methods.base import Method
 from pedcli.models.methods.baseline import BaselineConfig
 
 TIME_KEYS = ("train_time_s", "val_time_s", "samples_per_s", "trunk_cache_s")
@@ -111,14 +112,18 @@ def test_resume_gives_the_uninterrupted_result(
         if state.epoch == stop_after:
             raise _Interrupt
 
+    vocab_calls: list[list[str]] = []  # the pretrained start is for a new run only: resume loads it trained
     run = tmp_path / "run"
     monkeypatch.setattr(train_mod._Trainer, "_save", save_then_stop)
+    monkeypatch.setattr(Method, "init_from_vocab", lambda self, words: vocab_calls.append(words))
     with pytest.raises(_Interrupt):
         tiny_train(tiny_cache, run)
-    monkeypatch.undo()
+    assert vocab_calls == [json.loads((run / "vocab.json").read_text())]
     assert len(_metrics(run)) == stop_after
 
+    monkeypatch.setattr(train_mod._Trainer, "_save", save)
     train(None, None, run, resume=True, progress=False)
+    assert len(vocab_calls) == 1
     assert _metrics(run) == _metrics(reference_run)
     ours = load_checkpoint(checkpoint_path(run, "last"))["model"]
     ref = load_checkpoint(checkpoint_path(reference_run, "last"))["model"]

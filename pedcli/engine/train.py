@@ -225,6 +225,8 @@ def _train(
         runs.check_tensorboard()
     _seed_everything(config["seed"])
     method = create_method(config["method"], runs.data_info_from_config(config), config["method_config"])
+    if not resume:  # a resumed run's checkpoint holds them, trained
+        method.init_from_vocab(data.vocab)
     stages = method.stages(opts)
     check_every_score_parameter_learns(method, stages, _probe_batch(data))  # before any file is written
     state = _Progress()

@@ -28,6 +28,8 @@ It implements:
 - optionally ``image_trunk(batch)``: the part of the image path that a stage can freeze (the CNN). When
   a stage has ``freeze_trunk=True`` the engine computes the trunk output once per image (and flip),
   caches it on disk, and puts it in ``batch["trunk"]``; ``encode_images`` must then use it.
+- optionally ``init_from_vocab(words)``: start pretrained parts that depend on the cache's vocabulary
+  (HAN's word vectors); the engine calls it once on a new run, never on a resumed or loaded one.
 - optionally ``explain(text_feats, image_feats) -> Explanation`` (`pedcli.models.explanation`) for
   ``ped query --html`` and ``ped serve``: the attention that explains the first text's match with each
   image (a grid of regions or stripes, the cells kept, phrase → part links), as the papers' figures show.
@@ -190,6 +192,9 @@ class Method(nn.Module):
     def image_trunk(self, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The freezable CNN part of the image path; override when a stage freezes it."""
         raise NotImplementedError(f"{self.name} has no freezable image trunk")
+
+    def init_from_vocab(self, words: list[str]) -> None:
+        """Start the parts that depend on the vocabulary from pretrained values (none by default)."""
 
     def explain(self, text_feats: Features, image_feats: Features) -> Explanation | None:
         """The attention behind the first text's scores with every image; None = nothing to show."""

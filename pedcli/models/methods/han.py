@@ -25,8 +25,12 @@ Departures from the paper, all of them (each an option where it can be one):
 - Input: the cache's images (384×128 by default, the person's aspect ratio) instead of 224×224 squares.
 - Backbone: mobilenet_v2 by default, whose ImageNet weights are available offline; the paper's ResNet-50
   is `backbone=resnet50`. The mid-level map is the backbone's stride-16 stage, the last its stride-32.
-- Word vectors: learned from random initialisation instead of Word2Vec skip-gram vectors pretrained on
-  Google News (not available offline).
+- Word vectors: learned from random initialisation (`word_vectors=random`, the default) instead of the
+  300-d Word2Vec skip-gram vectors pretrained on Google News, which no PyPI package ships. Given that
+  file, `word_vectors=PATH word_dim=300` starts from it (`pedcli/text/word_vectors.py`; every pretrained
+  start is rescaled to the random one's spread, see `RNNTextEncoder.init_words`); `word_vectors=minilm
+  word_dim=384` starts from the offline MiniLM's input token embeddings, which did not beat random on
+  the comparison (README).
 - Channel attention: a ReLU between its two FC layers (sec. 4.2: "ReLU between full-connection
   layers"; `channel_relu=false` gives eq. 2 as printed, whose two linear layers then collapse to one).
 - Metric space: `normalize=true` (default) ranks unit-length g. The paper's raw 2048-d g make the
@@ -62,6 +66,7 @@ from pedcli.models.losses import SharedClassifier, identity_loss, similarity_ran
 from pedcli.models.losses.similarity_ranking import DIRECTIONS
 from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, frozen_lead, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
+from pedcli.text.word_vectors import RANDOM, load_word_vectors
 
 RANKINGS = ("similarity", "plain", "none")  # eq. 15, eq. 14, no ranking loss (Table 5)
 SPATIAL_SOURCES = ("mid", "last")
@@ -79,7 +84,8 @@ class HANConfig:
     residual_weight: float = 1.0  # b of eq. 3
     channel_reduction: int = 16  # FC1 of eq. 2 has channels / reduction units
     channel_relu: bool = True  # ReLU between eq. 2's two FC layers (sec. 4.2); False: eq. 2 as printed
-    word_dim: int = 300  # word vectors (sec. 4.2)
+    word_dim: int = 300  # word vectors (sec. 4.2); the pretrained vectors' width when they are used
+    word_vectors: str = "random"  # "minilm" | a word2vec file (sec. 4.2: Google News skip-gram) | "random"
     hidden: int = 1024  # LSTM units per direction (sec. 4.2)
     bidirectional: bool = True  # False: forward LSTM only (Table 3)
     self_attention: bool = True  # eqs. 7–9; False: mean of the word states (Table 3)
@@ -192,6 +198,13 @@ class HAN(Method):
         self.cross_modal = CrossModalAttention(d) if cfg.cross_modal_attention else nn.Linear(d, d)
         self.fc2 = nn.Linear(d, d)  # shared
         self.classifier = SharedClassifier(d, info.num_classes, bias=True)  # FC3, shared
+
+    def init_from_vocab(self, words: list[str]) -> None:
+        """Sec. 4.2: the word embedding starts from pretrained vectors (`word_vectors`)."""
+        if self.cfg.word_vectors == RANDOM:
+            return
+        vectors, found = load_word_vectors(self.cfg.word_vectors, words)
+        self.text_encoder.init_words(torch.from_numpy(vectors), torch.from_numpy(found))
 
     # ---- schedule ---------------------------------------------------------------------------------
     def default_stages(self) -> list[Stage]:
