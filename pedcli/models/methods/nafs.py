@@ -56,6 +56,10 @@ Departures from the paper, and choices it leaves open (all of them, here):
   states), λ1 = λ2 = 20 (BFAN's default), CSAL's probabilities (a softmax of S/τ over the batch, as
   CMPM's), the epochs, the bi-LSTM's widths, and the "concatenation" rows of Table 4 (the scales'
   features concatenated, one linear map).
+- RVN (eq. 8): l = 10 (`rvn_neighbours`; the paper gives none, the release uses 5), both neighbour
+  lists from the global features as §3.4 says (the release takes the caption's from its full score).
+  On the method comparison RVN lowered test R@1 on all three seeds (15.4 ± 1.4 → 12.7 ± 0.4), and no l
+  in 1–20, with either neighbour source, raised it by more than 0.6 on seeds 1 and 2 (README).
 - Table 2's "Global" row trains with CMPM and CMPC alone; asking for non-local attention over global
   features only is refused rather than silently changed.
 - Not in the paper, off by default: `frozen_epochs`, a warm-up with the CNN frozen (on cached maps)
@@ -140,7 +144,7 @@ class NAFSConfig:
     cmpc_weight: float = 1.0  # λ3 of eq. 7
     csal_weight: float = 0.1  # λ4 of eq. 7
     rvn: bool = True  # Table 4 "RVN": `ped eval` re-ranks by visual neighbours (eq. 8)
-    rvn_neighbours: int = 10  # l of eq. 8 (not given)
+    rvn_neighbours: int = 10  # l of eq. 8 (not given; the release: 5)
     rvn_weight: float = 0.5  # the average of the score and the Jaccard similarity
     epochs: int = 40  # not given in the paper
     lr: float = 1.1e-3  # §4.1: 0.0011 for the heads ...
