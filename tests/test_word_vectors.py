@@ -62,8 +62,10 @@ def test_bad_word2vec_files_are_named(tmp_path: Path) -> None:
 
 
 def test_minilm_vectors_put_synonyms_nearer_than_unrelated_words() -> None:
-    vectors, found = load_word_vectors(MINILM, ["jacket", "coat", "shoes", "trousers", "pants", "woman"])
-    assert found.all() and vectors.shape == (6, 384)
+    words = ["jacket", "coat", "shoes", "trousers", "pants", "woman", "<pad>", "<unk>"]
+    vectors, found = load_word_vectors(MINILM, words)
+    assert found.tolist() == [True] * 6 + [False, False] and vectors.shape == (8, 384)  # no "<", "unk", ">"
+    assert not vectors[6:].any()
     v = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=1)
     cos = v @ v.T
     assert cos[0, 1] > cos[0, 2] + 0.1  # jacket–coat against jacket–shoes

@@ -21,6 +21,7 @@ import numpy as np
 
 from pedcli.errors import PedError
 from pedcli.text.bert import load_tokenizer, resolve_bert_model
+from pedcli.text.vocab import PAD, UNK
 
 MINILM = "minilm"
 RANDOM = "random"
@@ -28,13 +29,17 @@ _FIX = "pass `--set word_vectors=minilm`, `random`, or the path of a word2vec .b
 
 
 def load_word_vectors(source: str, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """([len(words), D] float32 vectors, [len(words)] bool: the word has one); missing rows are zero."""
+    """([len(words), D] float32 vectors, [len(words)] bool: the word has one); missing rows are zero, and
+    so are the vocabulary's "<pad>" and "<unk>", which are not words (MiniLM would read "<", "unk", ">")."""
     if source == MINILM:
-        return _minilm_vectors(words)
+        vectors, has = _minilm_vectors(words)
+        has &= ~np.isin(np.asarray(words, dtype=object), [PAD, UNK])
+        vectors[~has] = 0.0
+        return vectors, has
     path = Path(source)
     if not path.is_file():
         raise PedError(f"word vectors {source!r}: no such file", _FIX)
-    found = _read_word2vec(path, set(words))
+    found = _read_word2vec(path, set(words) - {PAD, UNK})
     folded: dict[str, np.ndarray] = {}
     for word, v in found.items():
         folded.setdefault(word.lower(), v)
@@ -85,12 +90,17 @@ def _read_word2vec(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
         raise PedError(f"cannot read word vectors {path} ({e.strerror or e})", _FIX) from e
 
 
+def _keeps(word: str, wanted: set[str], out: dict[str, np.ndarray]) -> bool:
+    """A word of the file to keep: wanted as it is or lower-cased, and the first of its spelling."""
+    return (word in wanted or word.lower() in wanted) and word not in out
+
+
 def _read_text(f: BinaryIO, wanted: set[str], width: int, path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for number, line in enumerate(f, start=2):
         word, _, rest = line.rstrip().partition(b" ")
         text = word.decode("utf-8", "replace")
-        if (text in wanted or text.lower() in wanted) and text not in out:
+        if _keeps(text, wanted, out):
             v = np.array(rest.split(), dtype=np.float32)
             if len(v) != width:
                 raise PedError(f"{path} line {number}: {len(v)} values where the header says {width}", _FIX)
@@ -108,7 +118,7 @@ def _read_binary(
         if space < 0 or space + 1 + size > len(data):
             raise PedError(f"{path} ends before the {count} vectors its header announces", _FIX)
         word = data[pos:space].strip().decode("utf-8", "replace")
-        if (word in wanted or word.lower() in wanted) and word not in out:
+        if _keeps(word, wanted, out):
             out[word] = np.frombuffer(data, dtype="<f4", count=width, offset=space + 1).copy()
         pos = space + 1 + size
     return out
