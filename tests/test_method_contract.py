@@ -32,7 +32,7 @@ from method_batch import TINY_INFO, TINY_LENGTHS, repad, tiny_batch, with_phrase
 from pedcli.engine.embed import stack_padded
 from pedcli.engine.evaluate import RERANKERS
 from pedcli.engine.runs import load_checkpoint, save_checkpoint
-from pedcli.engine.stages import check_every_score_parameter_learns, set_trainable, train_mode
+from pedcli.engine.stages import complete_stage, set_trainable, train_mode
 from pedcli.errors import PedError
 from pedcli.models.explanation import Explanation
 from pedcli.models.methods import Method, create_method, list_methods, method_class
@@ -297,7 +297,7 @@ def test_a_checkpoint_gives_identical_scores(model, tmp_path: Path) -> None:
 def test_every_parameter_of_the_score_learns_or_starts_pretrained(scored) -> None:
     """`ped train` refuses a schedule that would leave part of the test score at its random init."""
     model = scored[0]
-    check_every_score_parameter_learns(model, model.stages(TrainConfig()), contract_batch())
+    complete_stage(model, model.stages(TrainConfig()), contract_batch())
 
 
 @pytest.mark.parametrize("name", METHODS)

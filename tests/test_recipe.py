@@ -21,7 +21,7 @@ from pedcli.engine import augment
 from pedcli.engine.stages import (
     build_optimizer,
     build_scheduler,
-    check_every_score_parameter_learns,
+    complete_stage,
     set_trainable,
 )
 from pedcli.engine.train import train
@@ -223,7 +223,7 @@ def test_every_preset_trains_every_parameter_of_its_score(name: str, tiny_cache:
         m.cfg.pretrained = "imagenet"
         if name == "nafs":
             m.cfg.bert_random_init = False
-        check_every_score_parameter_learns(m, stages, batch)
+        complete_stage(m, stages, batch)
         checked += 1
     assert checked
     assert set(METHODS) == set(TINY_OPTIONS)  # a new method adds its tiny widths here
@@ -233,11 +233,11 @@ def test_the_guard_names_untrained_parameters(tiny_cache: Path, tmp_path: Path) 
     batch = cache_batch(tiny_cache)
     m = create_method("baseline", CACHE_INFO, TINY_OPTIONS["baseline"] | {"full_epochs": 0})
     with pytest.raises(PedError, match=r"backbone\.stages\.0") as err:
-        check_every_score_parameter_learns(m, m.stages(), batch)
+        complete_stage(m, m.stages(), batch)
     assert "image_fc" not in str(err.value)  # the frozen stage trains it
     pretrained = create_method("baseline", CACHE_INFO, TINY_OPTIONS["baseline"] | {"full_epochs": 0})
     pretrained.cfg.pretrained = "imagenet"  # the trunk counts as pretrained (no weights needed to check)
-    check_every_score_parameter_learns(pretrained, pretrained.stages(), batch)
+    complete_stage(pretrained, pretrained.stages(), batch)
     with pytest.raises(PedError, match="no stage trains"):
         tiny_train(tiny_cache, tmp_path / "run", epochs=0)
     assert not (tmp_path / "run").exists()  # refused before anything is written

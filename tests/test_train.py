@@ -21,7 +21,7 @@ from pedcli.engine import train as train_mod
 from pedcli.engine.batching import LoaderOptions
 from pedcli.engine.distributed import DistContext
 from pedcli.engine.runs import checkpoint_path, load_checkpoint, load_run
-from pedcli.engine.stages import set_trainable, train_mode
+from pedcli.engine.stages import complete_stage, set_trainable, train_mode
 from pedcli.engine.train import TrainOptions, train
 from pedcli.engine.trunk_cache import open_trunk_cache, trunk_key
 from pedcli.errors import PedError
@@ -68,6 +68,31 @@ def test_baseline_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) ->
 
     method, config = load_run(run)  # best.pt, eval mode (what it retrieves: tests/test_learning.py)
     assert not method.training and config["method"] == "baseline"
+
+
+def test_best_is_never_an_epoch_before_the_whole_score_has_learned(tiny_cache: Path, tmp_path: Path) -> None:
+    """MIA's fused score includes the BFM MLPs, which only step 3 trains: a step-1 epoch scores with them
+    at random, so however its val R@1 compares, it is not the paper's model and not a best.pt."""
+    mia = {"embed_dim": 8, "hidden": 6, "word_dim": 5, "mlp_hidden": 7, "step1_objectives": "id+mat",
+           "step1_epochs": 2, "step2_epochs": 0, "step3_epochs": 1}  # fmt: skip
+    batch = collate([CaptionDataset(tiny_cache, "train")[i] for i in range(2)])
+    info = data_info(tiny_cache)
+    stages = create_method("mia", info, mia).stages()
+    assert [s.name for s in stages][complete_stage(create_method("mia", info, mia), stages, batch)] == "step3"
+    baseline = create_method("baseline", info, TINY_BASELINE)
+    assert complete_stage(baseline, baseline.stages(), batch) == 0  # its first stage trains the whole score
+
+    result = train("mia", tiny_cache, tmp_path / "run", method_options=mia, options={"batch_size": 8},
+                   seed=1, progress=False)  # fmt: skip
+    picked = [(r["stage"], r["best"]) for r in _metrics(tmp_path / "run")]
+    assert picked == [("step1", False), ("step1", False), ("step3", True)]
+    assert result.best["epoch"] == 3
+    assert load_checkpoint(checkpoint_path(tmp_path / "run", "best"))["epoch"] == 3
+    checkpoint_path(tmp_path / "run", "best").unlink()  # as a run stopped in step 1 leaves it
+    with pytest.raises(PedError, match="no best checkpoint yet") as err:
+        load_run(tmp_path / "run")
+    assert "--resume" in str(err.value) and "--checkpoint last" in str(err.value)
+    assert load_run(tmp_path / "run", "last")[1]["method"] == "mia"
 
 
 # ---- run folders, resume ----------------------------------------------------------------------------

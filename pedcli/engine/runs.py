@@ -283,7 +283,14 @@ def resolve_checkpoint(run: str | Path, checkpoint: str = "best") -> tuple[Path,
         raise PedError(f"no run folder or checkpoint at {run}", "pass a folder made by `ped train`")
     if checkpoint not in CHECKPOINT_NAMES:
         raise PedError(f"unknown checkpoint {checkpoint!r}", f"choose one of {', '.join(CHECKPOINT_NAMES)}")
-    return run, checkpoint_path(run, checkpoint)
+    path = checkpoint_path(run, checkpoint)
+    if checkpoint == "best" and not path.exists() and checkpoint_path(run, "last").exists():
+        raise PedError(  # best.pt waits for the first epoch of the whole score (engine/stages.py)
+            f"{run} has no best checkpoint yet: it stopped before every part of its test score had "
+            "trained (e.g. MIA before step 3)",
+            f"finish it with `ped train --run {run} --resume`, or use --checkpoint last",
+        )
+    return run, path
 
 
 def data_info_from_config(config: dict[str, Any]) -> DataInfo:

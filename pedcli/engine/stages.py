@@ -1,5 +1,6 @@
 """What a `Stage` means for the optimiser: which parameters learn, with which optimiser, at which rate,
-on which schedule; and the guard that every parameter of the test score learns or starts pretrained.
+on which schedule; and from which stage on every parameter of the test score has learned or starts
+pretrained (the guard against a schedule where it never does).
 
 Schedules are per optimiser step: "cosine" decays from the stage's rate to 1% of it (every stage
 restarts at its own rate), "step" multiplies it by `gamma` after each milestone epoch, "constant" keeps
@@ -112,20 +113,23 @@ def score_parameters(method: Method, batch: Batch) -> set[str]:
     return {n for n, g in zip(params, grads, strict=True) if g is not None}
 
 
-def check_every_score_parameter_learns(method: Method, stages: list[Stage], batch: Batch) -> None:
-    """Refuse a schedule that leaves part of the test score at its random initialisation: every
-    parameter the score depends on must be trainable in some stage (with epochs) or pretrained."""
+def complete_stage(method: Method, stages: list[Stage], batch: Batch) -> int:
+    """The index of the first stage by whose first epoch every parameter of the test score has learned or
+    starts pretrained. A checkpoint from before it scores with random weights in part of its score (MIA's
+    BFM MLPs before step 3), so it is not the paper's model and not a candidate for `best.pt`. Refuses a
+    schedule that leaves part of the test score at its random initialisation in every stage."""
+    needed = score_parameters(method, batch)
     covered = method.parameter_names(method.pretrained_modules())
-    for stage in stages:
+    for index, stage in enumerate(stages):
         if stage.epochs > 0:
             covered |= {n for n, _ in method.trainable_parameters(stage)}
-    untrained = sorted(score_parameters(method, batch) - covered)
-    if untrained:
-        more = f" and {len(untrained) - 12} more" if len(untrained) > 12 else ""
-        shown = ", ".join(untrained[:12]) + more
-        raise PedError(
-            f"{method.name}: the test score depends on parameters that no stage trains and that are not "
-            f"pretrained: {shown}",
-            "change the method options so a stage's losses reach them (see `ped methods`), "
-            "or give that stage epochs",
-        )
+        if needed <= covered:
+            return index
+    untrained = sorted(needed - covered)
+    more = f" and {len(untrained) - 12} more" if len(untrained) > 12 else ""
+    raise PedError(
+        f"{method.name}: the test score depends on parameters that no stage trains and that are not "
+        f"pretrained: {', '.join(untrained[:12])}{more}",
+        "change the method options so a stage's losses reach them (see `ped methods`), "
+        "or give that stage epochs",
+    )

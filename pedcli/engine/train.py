@@ -5,8 +5,9 @@ rates and schedule, epochs, batch size, whether the CNN trunk is frozen (its out
 disk once, see `trunk_cache.py`) — so this loop never asks which method it trains. Before the first
 step it refuses a schedule that leaves a parameter of the test score untrained and not pretrained.
 Stages whose CNN learns see pad-and-crop and random erasing on top of the dataset's flips (`augment.py`).
-Each epoch ends with a validation pass on the val split (R@1 text → image picks `best.pt`; the test
-split is never looked at) and a `last.pt` checkpoint holding everything `--resume` needs: data order,
+Each epoch ends with a validation pass on the val split (R@1 text → image picks `best.pt`, among the
+epochs from the first stage by which every parameter of the test score has learned: `complete_stage`;
+the test split is never looked at) and a `last.pt` checkpoint holding everything `--resume` needs: data order,
 flips and augmentation are functions of (seed, epoch), and the RNG, optimiser and scheduler states are
 restored, so an interrupted and resumed run ends with the same weights.
 
@@ -51,7 +52,7 @@ from pedcli.engine.retrieval.scoring import score_matrix
 from pedcli.engine.stages import (
     build_optimizer,
     build_scheduler,
-    check_every_score_parameter_learns,
+    complete_stage,
     set_trainable,
     train_mode,
 )
@@ -228,7 +229,7 @@ def _train(
     if not resume:  # a resumed run's checkpoint holds them, trained
         method.init_from_vocab(data.vocab)
     stages = method.stages(opts)
-    check_every_score_parameter_learns(method, stages, _probe_batch(data))  # before any file is written
+    complete = complete_stage(method, stages, _probe_batch(data))  # refuses before any file is written
     state = _Progress()
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -256,7 +257,9 @@ def _train(
     method.to(ctx.device)
     if opts.channels_last:
         method.to(memory_format=torch.channels_last)
-    trainer = _Trainer(method, data, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, progress)
+    trainer = _Trainer(
+        method, data, config["cache_meta_hash"], run_dir, opts, config["seed"], ctx, progress, complete
+    )
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
@@ -288,8 +291,10 @@ class _Trainer:
         seed: int,
         ctx: DistContext,
         progress: bool,
+        complete: int,
     ) -> None:
         self.method, self.cache, self.cache_hash, self.run_dir = method, cache, cache_hash, run_dir
+        self.complete = complete  # the first stage whose checkpoints may be best (`complete_stage`)
         self.opts, self.seed = opts, seed
         self.ctx, self.progress = ctx, progress
         self.flip_prob = opts.flip_prob if "flip" in opts.augment else 0.0
@@ -478,9 +483,12 @@ class _Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> None:
-        """metrics line, then last.pt, then best.pt when val R@1 improved (or every epoch without val)."""
+        """metrics line, then last.pt, then best.pt when val R@1 improved (or every epoch without val),
+        once every parameter of the test score has learned (from stage `self.complete` on)."""
         value = record["val"]["R@1"] if "val" in record else None
-        improved = value is None or state.best["value"] is None or value > state.best["value"]
+        improved = record["stage_index"] >= self.complete and (
+            value is None or state.best["value"] is None or value > state.best["value"]
+        )
         if improved:
             state.best = {
                 "metric": BEST_METRIC if value is not None else "last",
