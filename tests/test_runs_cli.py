@@ -59,11 +59,25 @@ def test_runs_lists_each_run_with_its_progress_and_best_epoch(run_root: Path) ->
     )
     best = max(records, key=lambda r: (r["val"]["R@1"], -r["epoch"]))
     assert (a["best_val_r1"], a["best_epoch"]) == (best["val"]["R@1"], best["epoch"])
+    assert a["best_epoch"] == [r["epoch"] for r in records if r["best"]][-1]
     assert a["wall_s"] > 0 and a["test_r1"] is None  # not evaluated yet
     assert [r["name"] for r in _listed(run_root, "--sort", "name")] == ["a", "b"]
     assert _listed(run_root, "--method", "mgel") == []
     table = _ped("runs", "--root", run_root)
     assert "finished" in table and "baseline" in table
+
+
+def test_runs_shows_the_epoch_the_engine_kept(run_root: Path, tmp_path: Path) -> None:
+    """The best epoch is the one marked (best.pt), not the highest val R@1: an epoch from before the whole
+    score had learned (MIA's steps 1-2) is never marked, however it scored."""
+    run = shutil.copytree(run_root / "a", tmp_path / "c")
+    records = runs.read_metrics(run)
+    records[0]["val"]["R@1"], records[0]["best"] = 101.0, False  # as an early, incomplete epoch
+    for r in records[1:]:
+        r["best"] = r["epoch"] == 3
+    (run / runs.METRICS).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary = summarize(run)
+    assert (summary.best_epoch, summary.best_val_r1) == (3, records[2]["val"]["R@1"])
 
 
 def test_runs_tells_interrupted_and_running_apart(run_root: Path, tmp_path: Path) -> None:

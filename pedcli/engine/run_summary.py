@@ -69,8 +69,9 @@ def summarize(run_dir: Path) -> RunSummary:
     records = runs.read_metrics(run_dir)
     planned = sum(int(s.get("epochs", 0)) for s in config.get("stages", []))
     done = records[-1]["epoch"] if records else 0
-    with_val = [r for r in records if "val" in r]
-    best = max(with_val, key=lambda r: (r["val"]["R@1"], -r["epoch"]), default=None)
+    # the epoch the engine kept as best.pt (the last one it marked): not simply the highest val R@1,
+    # which may come from before the whole test score had learned (`complete_stage`)
+    best = next((r for r in reversed(records) if r.get("best") and "val" in r), None)
     test = _test_metrics(run_dir)
     if runs.is_running(run_dir):
         state = "running"
