@@ -84,6 +84,21 @@ def test_near_duplicate_negatives_switch_off_and_opposite_ones_count_twice() -> 
     assert plain.item() == pytest.approx(1.0 / 2)
 
 
+def test_printed_form_weights_the_negative_term_inside_the_hinge_by_hand() -> None:
+    # cosines: s(T0,I0) = 1, s(T0,I1) = 1/√2, s(T1,I1) = 4/√20, s(T1,I0) = 1/√10
+    # [α − s(pos) + w·s(neg)]+ : anchor T0: 1.5 − 1 + W/√2; anchor T1: 1.5 − 4/√20 + W/√10
+    expected = ((0.5 + W / math.sqrt(2)) + (1.5 - 4 / math.sqrt(20) + W / math.sqrt(10))) / 2
+    value = similarity_ranking_loss(IMAGES, TEXTS, PIDS, margin=1.5, form="printed")
+    assert value.item() == pytest.approx(expected)
+    # S = 1 (twin images, w = 0) keeps the positive pair's own term: 1 − s(T1, I1) = 1 − 1/√2 for T1
+    twin, texts = torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[2.0, 2.0], [5.0, 0.0]])
+    value = similarity_ranking_loss(twin, texts, PIDS, margin=1.0, form="printed")
+    assert value.item() == pytest.approx((0.0 + 1 - 1 / math.sqrt(2)) / 2)
+    assert similarity_ranking_loss(twin, texts, PIDS, margin=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="form"):
+        similarity_ranking_loss(IMAGES, TEXTS, PIDS, form="cosine")
+
+
 def test_the_intra_modal_similarity_is_detached() -> None:
     images = torch.tensor([[1.0, 0.0], [0.6, 0.8]], requires_grad=True)
     similarity_ranking_loss(images, TEXTS, PIDS, margin=3.0).backward()

@@ -40,6 +40,10 @@ Departures from the paper, all of them (each an option where it can be one):
   `normalize=false` is the paper's.
 - Ranking loss sign: the distance form α + D(pos) − D(neg) of the cited ranking loss (the printed
   eq. 15 has the similarity form's signs); see the loss module.
+- Ranking loss weight: w = β − S scales each negative's whole hinge, so a near-duplicate negative
+  (S = 1) adds nothing; the printed eq. 15 scales the negative's term inside the hinge, leaving a term
+  on the positive pair alone at S = 1. `srank_form=printed` is the printed placement, on cosine
+  similarities (the form its signs ask for).
 - Values the paper does not give: b = 1 (the identity mapping of eqs. 12–13); margin α = 0.2; eq. 8's
   word score uses a learned context vector (the hierarchical attention networks it cites); the decay
   epochs (`stage1_decay_epoch` 60, `stage2_decay_epoch` 40).
@@ -63,7 +67,7 @@ from pedcli.models.attention import ChannelAttention, masked_pool, masked_softma
 from pedcli.models.backbones import BACKBONES, build_backbone
 from pedcli.models.explanation import Explanation, as_array
 from pedcli.models.losses import SharedClassifier, identity_loss, similarity_ranking_loss
-from pedcli.models.losses.similarity_ranking import DIRECTIONS
+from pedcli.models.losses.similarity_ranking import DIRECTIONS, FORMS
 from pedcli.models.methods.base import Batch, DataInfo, Features, Method, Stage, frozen_lead, register_method
 from pedcli.models.text_encoders import RNNTextEncoder
 from pedcli.text.word_vectors import RANDOM, load_word_vectors
@@ -97,6 +101,7 @@ class HANConfig:
     margin: float = 0.2  # α of eqs. 14–15 (not given in the paper)
     normalize: bool = True  # L2-normalise g before distances (not in the paper; bounds D to [0, 2])
     beta: float = 1.0  # β of eq. 15
+    srank_form: str = "hinge"  # "hinge": w scales each distance hinge; "printed": eq. 15's placement
     rank_directions: str = "t2i"  # "t2i": eq. 15's second sum only, as the paper trains; "both"
     gamma_rank: float = 1.0  # γ1 of eq. 21 in stage 2
     gamma_cls: float = 1.0  # γ2 of eq. 21
@@ -118,6 +123,7 @@ class HANConfig:
             "spatial_source": SPATIAL_SOURCES,
             "ranking": RANKINGS,
             "rank_directions": DIRECTIONS,
+            "srank_form": FORMS,
             "optimizer": ("sgd", "adam"),
         }
         for name, allowed in choices.items():
@@ -315,6 +321,7 @@ class HAN(Method):
                 cfg.beta,
                 intra_similarity=cfg.ranking == "similarity",
                 directions=cfg.rank_directions,
+                form=cfg.srank_form,
             )
             out["rank"] = cfg.gamma_rank * rank
         return out
