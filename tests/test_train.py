@@ -77,8 +77,9 @@ def test_best_is_never_an_epoch_before_the_whole_score_has_learned(tiny_cache: P
            "step1_epochs": 2, "step2_epochs": 0, "step3_epochs": 1}  # fmt: skip
     batch = collate([CaptionDataset(tiny_cache, "train")[i] for i in range(2)])
     info = data_info(tiny_cache)
-    stages = create_method("mia", info, mia).stages()
-    assert [s.name for s in stages][complete_stage(create_method("mia", info, mia), stages, batch)] == "step3"
+    model = create_method("mia", info, mia)
+    stages = model.stages()
+    assert stages[complete_stage(model, stages, batch)].name == "step3"
     baseline = create_method("baseline", info, TINY_BASELINE)
     assert complete_stage(baseline, baseline.stages(), batch) == 0  # its first stage trains the whole score
 
