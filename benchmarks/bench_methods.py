@@ -4,6 +4,7 @@
     python benchmarks/bench_methods.py --quick          # one seed, 160 identities, 6 epochs (17 min)
     python benchmarks/bench_methods.py --methods mgel baseline --seeds 0,1 --ablations
     python benchmarks/bench_methods.py --ablations mia nafs  # the main table and two papers' tables
+    python benchmarks/bench_methods.py --ablations --ablation-seeds 0,1,2   # every table on 3 seeds
 
 The data is built by the real commands, so anyone can rebuild it: `ped synth --realism hard --seed 0`
 (low resolution, blur, JPEG, camera colour, clutter, occlusion, other views; rough captions), then
@@ -134,7 +135,8 @@ def schedule(method: str, s: Scale) -> list[str]:
 # 7.86 → 2.08).
 VARIANTS: dict[str, tuple[str, list[str]]] = {"han, Adam": ("han", ["optimizer=adam"])}
 
-# One table per paper (`ped train --set`), on the first seed; the full model is the main table's run.
+# One table per paper (`ped train --set`), on the first seed or `--ablation-seeds`; the full model is the
+# main table's run of that seed.
 # A row is (label, `--set` options to train with, `ped eval` options); a row without `--set` options only
 # evaluates the full run again (RVN is test-time re-ranking: no model to retrain).
 ABLATIONS: dict[str, list[tuple[str, list[str], list[str]]]] = {
@@ -295,7 +297,8 @@ def separation(methods: dict[str, dict]) -> str:
             continue
         verdict = "beats it" if mean - base[0] > gap else "does not separate from it"
         verdict = "below it" if base[0] - mean > gap else verdict
-        lines.append(f"- {name}: {mean - base[0]:+.1f} points, 2σ = {gap:.1f}: {verdict}")
+        digits = 1 if f"{abs(mean - base[0]):.1f}" != f"{gap:.1f}" else 2  # never "+1.4, 2σ = 1.4: beats"
+        lines.append(f"- {name}: {mean - base[0]:+.{digits}f} points, 2σ = {gap:.{digits}f}: {verdict}")
     return "\n".join(lines) + "\n"
 
 
@@ -332,9 +335,15 @@ def slug(row: str) -> str:
     return "-".join(re.findall(r"[a-z0-9]+", row.lower()))
 
 
-def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: list[str]) -> list[Job]:
+def plan(
+    methods: list[str],
+    seeds: list[int],
+    scale: Scale,
+    ablations: list[str],
+    ablation_seeds: list[int] | None = None,
+) -> list[Job]:
     """Main runs seed by seed (a cut-short comparison still has whole seeds), the costliest method first;
-    then the ablation rows on the first seed."""
+    then the ablation rows, seed by seed, on `ablation_seeds` (each one of `seeds`; default the first)."""
     rows = [(m, m, []) for m in methods]
     rows += [(row, m, extra) for row, (m, extra) in VARIANTS.items() if m in methods]
     jobs = [
@@ -351,13 +360,15 @@ def plan(methods: list[str], seeds: list[int], scale: Scale, ablations: list[str
         for s in seeds
         for row, m, extra in sorted(rows, key=lambda r: -COST[r[1]])
     ]
-    for m in [m for m in methods if m in ablations]:
-        full = jobs[[j.name for j in jobs].index(f"{slug(ABLATION_BASE.get(m, m))}-s{seeds[0]}")]
-        jobs.append(Job(full.name, full.run, m, full.sets, seeds[0], m, FULL_NAME[m]))  # the main run
-        for row, extra, eval_args in ABLATIONS[m]:
-            name = f"{m}-{slug(row)}-s{seeds[0]}"
-            run, sets = (full.run, full.sets) if not extra else (name, full.sets + extra)
-            jobs.append(Job(name, run, m, sets, seeds[0], m, row, eval_args))
+    names = [j.name for j in jobs]
+    for s in seeds[:1] if ablation_seeds is None else ablation_seeds:
+        for m in [m for m in methods if m in ablations]:
+            full = jobs[names.index(f"{slug(ABLATION_BASE.get(m, m))}-s{s}")]
+            jobs.append(Job(full.name, full.run, m, full.sets, s, m, FULL_NAME[m]))  # the main run
+            for row, extra, eval_args in ABLATIONS[m]:
+                name = f"{m}-{slug(row)}-s{s}"
+                run, sets = (full.run, full.sets) if not extra else (name, full.sets + extra)
+                jobs.append(Job(name, run, m, sets, s, m, row, eval_args))
     return jobs
 
 
@@ -399,7 +410,12 @@ def main() -> None:
         nargs="*",
         choices=list(ABLATIONS),
         metavar="METHOD",
-        help="Also one table per paper on the first seed (only the named methods' papers, if any named).",
+        help="Also one table per paper (only the named methods' papers, if any named).",
+    )
+    ap.add_argument(
+        "--ablation-seeds",
+        default=None,
+        help="Comma-separated seeds of the ablation rows, each one of --seeds (default: the first).",
     )
     ap.add_argument("--out", type=Path, default=None, help="Work folder (default bench-out/methods[-quick]).")
     ap.add_argument("--threads", type=int, default=1, help="Torch threads of each run (OMP_NUM_THREADS).")
@@ -416,7 +432,10 @@ def main() -> None:
     chance = chance_r1(text_pids, image_pids)
     n_test = len(set(image_pids))
     ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
-    jobs = plan(args.methods, seeds, scale, ablations)
+    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]
+    if not set(ablation_seeds) <= set(seeds):
+        ap.error(f"--ablation-seeds {args.ablation_seeds} must be among --seeds {args.seeds}")
+    jobs = plan(args.methods, seeds, scale, ablations, ablation_seeds)
     print(f"chance R@1 on the test split: {chance:.1f} % ({n_test} identities)", flush=True)
     done = run_all(jobs, args.jobs, lambda job: run_one(job, cache, out, env, args.quiet or args.jobs > 1))
     tables: dict[str, dict[str, list[dict]]] = {}
@@ -427,7 +446,7 @@ def main() -> None:
     title = f"Text→image on the test split ({n_test} identities, chance R@1 {chance:.1f} %)"
     md = [markdown(title, "method", summary.get("methods", {}))]
     md += [separation(summary["methods"])] if "methods" in summary else []
-    md += [markdown(f"{m} ablation (seed {seeds[0]})", m, t) for m, t in summary.items() if m != "methods"]
+    md += [markdown(f"{m} ablation", m, t) for m, t in summary.items() if m != "methods"]
     md += [two_stage_table(list(done.values()))]
     bench = {"identities": scale.identities, "test_identities": n_test, "splits": SPLITS, "realism": "hard",
              "synth_seed": 0, "image_size": IMAGE_SIZE, "chance_R@1": chance, "frozen_epochs": scale.frozen,

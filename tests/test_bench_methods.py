@@ -31,6 +31,16 @@ def test_plan_runs_costliest_first_and_evaluation_rows_reuse_the_full_run():
     assert [j.name for j in full_rows] == ["nafs-s0"]  # the main table's run, not a second training
 
 
+def test_ablation_seeds_give_each_table_one_row_per_seed_on_that_seeds_full_run():
+    jobs = bench.plan(["baseline", "mgel"], [0, 1, 2], bench.QUICK, ["mgel"], ablation_seeds=[1, 2])
+    table = [(j.row, j.seed, j.run) for j in jobs if j.table == "mgel"]
+    assert ("granularities 1", 0, "mgel-granularities-1-s0") not in table
+    for s in (1, 2):
+        assert (bench.FULL_NAME["mgel"], s, f"mgel-s{s}") in table  # the main table's run of that seed
+        assert ("granularities 1", s, f"mgel-granularities-1-s{s}") in table
+    assert len({j.name for j in jobs}) == len([j for j in jobs if j.table == "methods"]) + 2 * 2
+
+
 def test_run_all_runs_in_parallel_evaluations_after_trainings_and_survives_a_failure():
     jobs = bench.plan(["baseline", "nafs", "mgel"], [0], bench.QUICK, ablations=list(bench.ABLATIONS))
     active, peak, finished, lock = [0], [0], [], threading.Lock()

@@ -61,13 +61,23 @@ def test_baseline_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) ->
     losses = [r["loss"] for r in result.history]
     assert losses[-1] < 0.5 * losses[0]
 
-    val = [r["val"]["R@1"] for r in result.history]
-    best_epoch = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
+    val = [(r["val"]["R@1"], r["val"]["mAP"]) for r in result.history]
+    best_epoch = max(range(len(val)), key=lambda i: (*val[i], -i)) + 1  # ties on R@1 go to mAP
     assert result.best["epoch"] == best_epoch
     assert load_checkpoint(checkpoint_path(run, "best"))["epoch"] == best_epoch
 
     method, config = load_run(run)  # best.pt, eval mode (what it retrieves: tests/test_learning.py)
     assert not method.training and config["method"] == "baseline"
+
+
+def test_a_val_r1_tie_goes_to_the_higher_map() -> None:
+    best = {"metric": "val_t2i_R@1", "value": 20.0, "mAP": 15.0, "epoch": 3}
+    assert train_mod._beats((20.0, 15.5), best)  # same R@1, higher mAP
+    assert not train_mod._beats((20.0, 15.0), best)  # a full tie keeps the earlier epoch
+    assert not train_mod._beats((20.0, 14.0), best)
+    assert not train_mod._beats((19.9, 40.0), best)  # R@1 first
+    assert train_mod._beats((20.1, 1.0), best)
+    assert not train_mod._beats((20.0, 99.0), {"metric": "val_t2i_R@1", "value": 20.0, "epoch": 3})
 
 
 def test_best_is_never_an_epoch_before_the_whole_score_has_learned(tiny_cache: Path, tmp_path: Path) -> None:

@@ -41,6 +41,9 @@ class PairwiseMethod(Method):
     # stored and those `text_side` derives (a shortlist cuts prepared texts to their rows' unit count).
     unit_keys: ClassVar[tuple[str, ...]] = ()
     square_unit_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether `scores` reads "global" (else it is only the shortlist feature, and a shortlist does not copy
+    # it per pair: a fifth of what PMA gathers per caption).
+    scores_read_global: ClassVar[bool] = True
 
     # ---- what a subclass writes ---------------------------------------------------------------------
     def scores(self, text: Features, image: Features, layout: Layout) -> Tensor:
@@ -136,7 +139,7 @@ class PairwiseMethod(Method):
             n_owners, owners, others, key = text["global"].shape[0], t_idx, i_idx, None
         grid, row_owner, slot, order = _group_rows(owners, others, n_owners, _row_width(owners, width), key)
         row_units = units[grid].amax(1) if gather_text else units[row_owner]
-        gathered = self._ready_text(text) if gather_text else self.image_side(image)
+        gathered = self._scored(self._ready_text(text) if gather_text else self.image_side(image))
         scores = torch.empty(grid.shape, device=grid.device)
         buffers: dict[str, Tensor] = {}
         for u in row_units.unique().tolist():
@@ -145,14 +148,18 @@ class PairwiseMethod(Method):
             for rows in (row_units == u).nonzero()[:, 0].split(step):
                 other = gather_rows(src, grid[rows], buffers)
                 if gather_text:
-                    own = self.image_side(index_features(image, row_owner[rows]))
+                    own = self.image_side(self._scored(index_features(image, row_owner[rows])))
                     scores[rows] = self.scores(other, own, "texts_per_image")
                 else:
-                    own = self._ready_text(index_features(text, row_owner[rows]))
+                    own = self._scored(self._ready_text(index_features(text, row_owner[rows])))
                     scores[rows] = self.scores(own, other, "images_per_text")
         out = torch.empty(len(owners), device=scores.device)
         out[order] = scores[slot]
         return out
+
+    def _scored(self, feats: Features) -> Features:
+        """The keys `scores` reads (without "global" where it reads it not)."""
+        return feats if self.scores_read_global else {k: v for k, v in feats.items() if k != "global"}
 
     def _gathers_texts(self, text: Features, image: Features, units: Tensor) -> bool:
         """Whether a shortlist gathers texts (rows of one image) rather than images: only where a text has
@@ -173,7 +180,7 @@ class PairwiseMethod(Method):
 
 def _item_size(feats: Features) -> int:
     """Elements per item of a feature dict (as stored: padded units count)."""
-    return sum(v[0].numel() for v in feats.values()) if len(feats["global"]) else 0
+    return sum(v[0].numel() for v in feats.values()) if len(next(iter(feats.values()))) else 0
 
 
 def _row_width(owners: Tensor, width: int) -> int:

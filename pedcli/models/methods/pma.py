@@ -205,6 +205,7 @@ class PMA(PairwiseMethod):
     cfg: PMAConfig
     unit_keys = ("phrases", "phrase_norms", "phrases_mask")
     square_unit_keys = ("phrases_gram",)
+    scores_read_global = False  # "global" is the shortlist feature only (`shortlist_pieces`)
 
     def __init__(self, cfg: PMAConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
