@@ -432,8 +432,8 @@ def main() -> None:
     chance = chance_r1(text_pids, image_pids)
     n_test = len(set(image_pids))
     ablations = [] if args.ablations is None else args.ablations or list(ABLATIONS)
-    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]
-    if not set(ablation_seeds) <= set(seeds):
+    ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else None
+    if ablation_seeds and not set(ablation_seeds) <= set(seeds):
         ap.error(f"--ablation-seeds {args.ablation_seeds} must be among --seeds {args.seeds}")
     jobs = plan(args.methods, seeds, scale, ablations, ablation_seeds)
     print(f"chance R@1 on the test split: {chance:.1f} % ({n_test} identities)", flush=True)

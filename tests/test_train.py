@@ -72,12 +72,12 @@ def test_baseline_keeps_the_best_val_epoch(synth_cache: Path, tmp_path: Path) ->
 
 def test_a_val_r1_tie_goes_to_the_higher_map() -> None:
     best = {"metric": "val_t2i_R@1", "value": 20.0, "mAP": 15.0, "epoch": 3}
-    assert train_mod._beats((20.0, 15.5), best)  # same R@1, higher mAP
-    assert not train_mod._beats((20.0, 15.0), best)  # a full tie keeps the earlier epoch
-    assert not train_mod._beats((20.0, 14.0), best)
-    assert not train_mod._beats((19.9, 40.0), best)  # R@1 first
-    assert train_mod._beats((20.1, 1.0), best)
-    assert not train_mod._beats((20.0, 99.0), {"metric": "val_t2i_R@1", "value": 20.0, "epoch": 3})
+    assert train_mod._beats(20.0, 15.5, best)  # same R@1, higher mAP
+    assert not train_mod._beats(20.0, 15.0, best)  # a full tie keeps the earlier epoch
+    assert not train_mod._beats(20.0, 14.0, best)
+    assert not train_mod._beats(19.9, 40.0, best)  # R@1 first
+    assert train_mod._beats(20.1, 1.0, best)
+    assert not train_mod._beats(20.0, 99.0, {"metric": "val_t2i_R@1", "value": 20.0, "epoch": 3})
 
 
 def test_best_is_never_an_epoch_before_the_whole_score_has_learned(tiny_cache: Path, tmp_path: Path) -> None:

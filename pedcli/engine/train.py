@@ -487,10 +487,10 @@ class _Trainer:
         once every parameter of the test score has learned (from stage `self.complete` on). A tie on
         R@1 goes to the higher val mAP: on 32 validation identities R@1 ties are common, and in every
         tie checked on the method comparison the epoch with the higher mAP scored higher on test."""
-        value = record["val"]["R@1"] if "val" in record else None
-        tie_break = record["val"].get("mAP") if "val" in record else None
+        val = record.get("val", {})
+        value, tie_break = val.get("R@1"), val.get("mAP")
         improved = record["stage_index"] >= self.complete and (
-            value is None or state.best["value"] is None or _beats((value, tie_break), state.best)
+            value is None or state.best["value"] is None or _beats(value, tie_break, state.best)
         )
         if improved:
             state.best = {
@@ -528,10 +528,9 @@ class _Trainer:
         self.ctx.barrier()
 
 
-def _beats(candidate: tuple[float, float | None], best: dict[str, Any]) -> bool:
-    """Val (R@1, mAP) above the best's: R@1 first, mAP on a tie (a best saved without its mAP, by an
-    older version, keeps its ties)."""
-    value, tie_break = candidate
+def _beats(value: float, tie_break: float | None, best: dict[str, Any]) -> bool:
+    """Val R@1 `value` above the best's, or equal with a higher mAP `tie_break` (a best saved without
+    its mAP, by an older version, keeps its ties)."""
     if value != best["value"]:
         return value > best["value"]
     return tie_break is not None and best.get("mAP") is not None and tie_break > best["mAP"]
