@@ -5,6 +5,7 @@ JSON (`QUERY_JSON_FORMAT`):
      "gallery_size": int, "embedded": int, "skipped": [{"path": str, "reason": str}],
      "queries": [{"query": str, "phrases": [str], "unknown_words": [str],
                   "results": [{"rank": int, "score": float, "path": str}]}]}
+Scores are written unrounded: one copied into `--min-score` (or the page's min score) keeps its result.
 The HTML page embeds each thumbnail as a base64 JPEG (no file beside it is needed) and, where the method
 explains its matches, draws the attention over the thumbnail and lists the noun phrases with the part
 each one matched.
@@ -50,8 +51,7 @@ def to_json(report: QueryReport) -> dict[str, Any]:
                 "phrases": res.phrases,
                 "unknown_words": res.unknown,
                 "results": [
-                    {"rank": m.rank, "score": round(m.score, 6), "path": str(m.path.resolve())}
-                    for m in res.matches
+                    {"rank": m.rank, "score": m.score, "path": str(m.path.resolve())} for m in res.matches
                 ],
             }
             for res in report.results
