@@ -103,7 +103,8 @@ def schedule(method: str, s: Scale) -> list[str]:
             "mgel": [f"warmup_epochs={f}", f"epochs={e}"],
             # the frozen part split half and half between the classification stage and the joint stage,
             # where the paper puts its ranking loss (its 80 : 60 would give 5 + 3, but the last joint
-            # epoch was the best in 11 of 18 runs); the joint stage then fine-tunes the CNN
+            # epoch was the best in 11 of 18 runs; 2 + 6, and the paper's ÷10 decay after 3 of each 4
+            # epochs, scored lower on validation: README); the joint stage then fine-tunes the CNN
             "han": [
                 "stage1_freeze_trunk=true",
                 f"stage1_epochs={f // 2}",
