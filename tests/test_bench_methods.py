@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -116,10 +117,27 @@ def test_variant_rows_train_their_own_runs_beside_the_papers_row():
     jobs = bench.plan(["han", "baseline"], [0, 1], bench.QUICK, ablations=[])
     adam = [j for j in jobs if j.row == "han, Adam"]
     assert [j.name for j in adam] == ["han-adam-s0", "han-adam-s1"]
-    assert all(j.method == "han" and j.sets[-1] == "optimizer=adam" and not j.two_stage for j in adam)
+    assert all(j.method == "han" and "optimizer=adam" in j.sets and not j.two_stage for j in adam)
     assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
     assert bench.plan(["baseline"], [0], bench.QUICK, ablations=[])[0].name == "baseline-s0"
     table = [j for j in bench.plan(["han"], [0], bench.QUICK, ablations=["han"]) if j.table == "han"]
     assert table[0].name == "han-adam-s0"  # HAN's table ablates the variant that learns (ABLATION_BASE)
     assert all(j.sets[: len(table[0].sets)] == table[0].sets for j in table)
     assert bench.slug("global + relation") == "global-relation"
+
+
+def test_a_kept_result_of_other_options_is_refused_not_reused(tmp_path):
+    job = bench.Job(
+        "han-adam-s0", "han-adam-s0", "han", ["optimizer=adam", "stage1_lr=5e-4"], 0, "methods", "x"
+    )
+    kept = tmp_path / "results" / "han-adam-s0.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({"set": job.sets, "eval": [], "t2i": {"R@1": 9.0}}))
+    assert bench.kept_result(kept, job)["t2i"]["R@1"] == 9.0
+    kept.write_text(json.dumps({"set": ["optimizer=adam"], "eval": [], "t2i": {"R@1": 9.0}}))
+    with pytest.raises(SystemExit, match="stage1_lr=5e-4.*runs/han-adam-s0"):
+        bench.kept_result(kept, job)
+    kept.write_text(json.dumps({"set": job.sets, "eval": [], "t2i": {"R@1": 9.0}}))
+    evaluated_otherwise = bench.Job(job.name, job.run, "han", job.sets, 0, "han", "x", ["--rerank", "none"])
+    with pytest.raises(SystemExit, match="--rerank"):
+        bench.kept_result(kept, evaluated_otherwise)

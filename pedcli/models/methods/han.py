@@ -51,7 +51,8 @@ Departures from the paper, all of them (each an option where it can be one):
 - Not in the paper, off by default: `stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached
   backbone maps: fast on a CPU), `stage2_frozen_epochs` (that many joint epochs on the frozen CNN before
   stage 2 fine-tunes it: `frozen_lead` in `base.py`) at `stage2_frozen_lr` (1e-3, the paper's stage-1
-  rate: stage 2's 2e-4 is for a network that has trained 80 epochs), `optimizer=adam` (quick runs),
+  rate: stage 2's 2e-4 is for a network that has trained 80 epochs), `optimizer=adam` (quick runs; at
+  the SGD rates it learns more slowly than at half of them: the comparison runs it at 5e-4, README),
   `rank_directions=both`.
 """
 
