@@ -134,7 +134,7 @@ def schedule(method: str, s: Scale) -> list[str]:
 # recipe cannot learn in this budget. The paper's row stays beside it. HAN's SGD is sized for 80 + 60
 # epochs; in 4 + 4 (seed 0) its losses moved 10.36 → 10.27 and 12.44 → 12.10 (Adam: 10.46 → 7.79,
 # 7.86 → 2.08). Adam's rate is ours to choose, by validation: best val R@1 over seeds 0-2 was 19.4 at the
-# paper's SGD rates (1e-3 in both frozen-CNN stages), 24.2 at 5e-4, 21.7 at 2.5e-4 (README).
+# SGD defaults (1e-3 in both frozen-CNN stages), 24.2 at 5e-4, 21.7 at 2.5e-4 (README).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "han, Adam": ("han", ["optimizer=adam", "stage1_lr=5e-4", "stage2_frozen_lr=5e-4"])
 }
@@ -210,7 +210,7 @@ def run_one(job: Job, cache: Path, out: Path, env: dict[str, str], quiet: bool) 
     """Train (resuming a killed run) and evaluate on the test split; the result is kept on disk."""
     result_path = out / "results" / f"{job.name}.json"
     if result_path.is_file():
-        return kept_result(result_path, job)
+        return json.loads(result_path.read_text())
     run = out / "runs" / job.run
     clock = out / "runs" / f"{job.run}.seconds"  # train seconds of all attempts, so resumes add up
     if not job.eval_args or not (run / "config.json").is_file():
@@ -453,7 +453,7 @@ def main() -> None:
     if ablation_seeds and not set(ablation_seeds) <= set(seeds):
         ap.error(f"--ablation-seeds {args.ablation_seeds} must be among --seeds {args.seeds}")
     jobs = plan(args.methods, seeds, scale, ablations, ablation_seeds)
-    for job in jobs:  # a stale result stops the comparison before it spends an hour
+    for job in jobs:  # a stale result stops the comparison before anything runs (`run_one` reuses results)
         if (kept := out / "results" / f"{job.name}.json").is_file():
             kept_result(kept, job)
     print(f"chance R@1 on the test split: {chance:.1f} % ({n_test} identities)", flush=True)
