@@ -113,15 +113,18 @@ def test_every_schedule_spells_the_same_budget(method):
     assert train.get("batch_size", bench.paper_batch(method)) <= bench.BATCH_CAP
 
 
-def test_variant_rows_train_their_own_runs_beside_the_papers_row():
+def test_variant_rows_train_their_own_runs_beside_the_methods_row():
     jobs = bench.plan(["han", "baseline"], [0, 1], bench.QUICK, ablations=[])
-    adam = [j for j in jobs if j.row == "han, Adam"]
-    assert [j.name for j in adam] == ["han-adam-s0", "han-adam-s1"]
-    assert all(j.method == "han" and "optimizer=adam" in j.sets and not j.two_stage for j in adam)
-    assert "optimizer=adam" not in next(j for j in jobs if j.name == "han-s0").sets
+    assert [j.name for j in jobs] == [  # the methods' own rows seed by seed, the extras after them
+        "han-s0", "baseline-s0", "han-s1", "baseline-s1", "han-paper-sgd-s0", "han-paper-sgd-s1"
+    ]  # fmt: skip
+    sgd = [j for j in jobs if j.row == "han, paper SGD"]
+    assert all(j.method == "han" and "frozen_optimizer=sgd" in j.sets and not j.two_stage for j in sgd)
+    main = next(j for j in jobs if j.name == "han-s0")
+    assert main.two_stage and not any(kv.startswith("frozen_") for kv in main.sets)  # the defaults
     assert bench.plan(["baseline"], [0], bench.QUICK, ablations=[])[0].name == "baseline-s0"
     table = [j for j in bench.plan(["han"], [0], bench.QUICK, ablations=["han"]) if j.table == "han"]
-    assert table[0].name == "han-adam-s0"  # HAN's table ablates the variant that learns (ABLATION_BASE)
+    assert table[0].name == "han-s0"  # HAN's table ablates the method's own row
     assert all(j.sets[: len(table[0].sets)] == table[0].sets for j in table)
     assert bench.slug("global + relation") == "global-relation"
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 from method_batch import TINY_INFO, tiny_batch
 
+from pedcli.engine.runs import read_config
+from pedcli.errors import PedError
 from pedcli.models.losses import similarity_ranking_loss
 from pedcli.models.methods.base import TrainConfig, create_method
+from pedcli.models.methods.han import HANConfig
 
 TINY = {
     "pretrained": "none",
@@ -271,15 +276,26 @@ def test_stage2_frozen_epochs_run_the_joint_loss_on_the_frozen_cnn_first() -> No
         ("classification", 80, False), ("joint_frozen", 3, True), ("joint", 60, False)
     ]  # fmt: skip
     assert "backbone" not in {name.split(".")[0] for name, _ in m.trainable_parameters(stages[1])}
-    assert [s.lr for s in stages] == [1e-3, 1e-3, 2e-4]  # the lead at `stage2_frozen_lr`
+    # the paper's SGD where the CNN learns; the lead on the frozen CNN with Adam at `frozen_lr`
+    assert [(s.optimizer, s.lr) for s in stages] == [("sgd", 1e-3), ("adam", 5e-4), ("sgd", 2e-4)]
+    assert [s.momentum for s in stages[::2]] == [0.5, 0.9]
+    # a lead with the stage's own recipe is more of the same stage
     frozen = make(stage2_frozen_epochs=3, stage2_freeze_trunk=True).stages(TrainConfig())
-    assert [(s.name, s.epochs, s.freeze_trunk, s.lr) for s in frozen][1:] == [
-        ("joint_frozen", 3, True, 1e-3), ("joint", 60, True, 2e-4)
+    assert [(s.name, s.epochs, s.freeze_trunk, s.optimizer, s.lr) for s in frozen][1:] == [
+        ("joint", 63, True, "adam", 5e-4)
     ]  # fmt: skip
-    same_rate = make(stage2_frozen_epochs=3, stage2_freeze_trunk=True, stage2_frozen_lr=2e-4)
-    assert [(s.name, s.epochs, s.freeze_trunk) for s in same_rate.stages(TrainConfig())][1:] == [
-        ("joint", 63, True)
+
+
+def test_frozen_stages_train_with_the_frozen_recipe() -> None:
+    both = {"stage1_freeze_trunk": True, "stage2_freeze_trunk": True}
+    assert [(s.optimizer, s.lr) for s in make(**both).stages(TrainConfig())] == [("adam", 5e-4)] * 2
+    paper = make(**both, frozen_optimizer="sgd", frozen_lr=1e-3).stages(TrainConfig())
+    assert [(s.optimizer, s.lr, s.momentum) for s in paper] == [("sgd", 1e-3, 0.5), ("sgd", 1e-3, 0.9)]
+    assert [(s.optimizer, s.lr) for s in make(stage1_freeze_trunk=True).stages(TrainConfig())] == [
+        ("adam", 5e-4), ("sgd", 2e-4)
     ]  # fmt: skip
+    with pytest.raises(PedError, match="frozen_optimizer"):
+        make(frozen_optimizer="rmsprop")
 
 
 def test_normalize_puts_features_on_the_unit_sphere() -> None:
@@ -328,3 +344,17 @@ def test_channel_relu_false_is_eq_2_as_printed() -> None:
         with torch.no_grad():
             logit = [torch.logit(ca(k * x)) for k in (0.0, 1.0, 2.0)]
         assert torch.allclose(logit[2] - logit[1], logit[1] - logit[0], atol=1e-4) == affine
+
+
+def test_a_run_saved_before_the_frozen_recipe_loads_with_the_recipe_it_trained_with(tmp_path) -> None:
+    saved = {k: v for k, v in asdict(HANConfig()).items() if not k.startswith("frozen_")}
+    saved |= {"stage2_frozen_lr": 2e-3, "stage2_frozen_epochs": 3}  # an earlier version's run
+    (tmp_path / "config.json").write_text(json.dumps({"method": "han", "method_config": saved}))
+    upgraded = read_config(tmp_path)["method_config"]
+    assert "stage2_frozen_lr" not in upgraded
+    recipe = {k: upgraded[k] for k in ("optimizer", "frozen_optimizer", "frozen_lr", "stage2_frozen_epochs")}
+    lead = make(**recipe).stages(TrainConfig())[1]
+    assert (lead.name, lead.optimizer, lead.lr, lead.momentum) == ("joint_frozen", "sgd", 2e-3, 0.9)
+    current = {"method": "han", "method_config": asdict(HANConfig())}  # runs saved now pass unchanged
+    (tmp_path / "config.json").write_text(json.dumps(current))
+    assert read_config(tmp_path) == current

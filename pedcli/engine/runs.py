@@ -77,13 +77,16 @@ def create_run_dir(run_dir: str | Path) -> Path:
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PedError(
             f"{path} is missing: {run_dir} is not a training run", "pass a folder made by `ped train`"
         ) from None
     except json.JSONDecodeError as e:
         raise PedError(f"{path} is not valid JSON ({e})", "restore it or train the run again") from e
+    if "method_config" in config:
+        config["method_config"] = method_class(config["method"]).upgrade_config(config["method_config"])
+    return config
 
 
 WEIGHTS_DIGEST = "weights_sha256"  # checkpoint key: digest of state["model"], verified on load

@@ -116,17 +116,21 @@ def apply_overrides(stages: list[Stage], train: TrainConfig) -> list[Stage]:
     return [dataclasses.replace(s, **given) for s in stages]
 
 
-def frozen_lead(stage: Stage, epochs: int, lr: float) -> list[Stage]:
-    """`stage` preceded by `epochs` epochs of itself with the CNN frozen (on cached maps), at `lr`. Not in
-    any paper: a CPU budget's way to give the objective of a paper's fine-tuning stage the epochs it cannot
-    afford end to end (the papers fine-tune for 20–60 epochs; a CPU comparison affords one or two). The
-    lead has its own rate because a fine-tuning rate (MIA's and HAN's 2e-4) is sized for a CNN that moves
-    under the heads; the papers train their heads on a fixed or fresh CNN at 1e-3."""
+def frozen_lead(stage: Stage, epochs: int, lr: float, optimizer: str | None = None) -> list[Stage]:
+    """`stage` preceded by `epochs` epochs of itself with the CNN frozen (on cached maps), at `lr` (and
+    `optimizer`, default the stage's). Not in any paper: a CPU budget's way to give the objective of a
+    paper's fine-tuning stage the epochs it cannot afford end to end (the papers fine-tune for 20–60
+    epochs; a CPU comparison affords one or two). The lead has its own rate because a fine-tuning rate
+    (MIA's and HAN's 2e-4) is sized for a CNN that moves under the heads; the papers train their heads on
+    a fixed or fresh CNN at 1e-3."""
+    optimizer = optimizer or stage.optimizer
     if epochs <= 0:
         return [stage]
-    if stage.freeze_trunk and lr == stage.lr:  # already frozen: the lead is more of the same stage
+    if stage.freeze_trunk and (lr, optimizer) == (stage.lr, stage.optimizer):  # more of the same stage
         return [dataclasses.replace(stage, epochs=stage.epochs + epochs)]
-    lead = dataclasses.replace(stage, name=f"{stage.name}_frozen", epochs=epochs, freeze_trunk=True, lr=lr)
+    lead = dataclasses.replace(
+        stage, name=f"{stage.name}_frozen", epochs=epochs, freeze_trunk=True, lr=lr, optimizer=optimizer
+    )
     return [lead, stage]
 
 
@@ -242,6 +246,11 @@ class Method(nn.Module):
                 raise ValueError(f"{self.name} has no submodule or parameter '{m}' (a stage names it)")
             out |= inside
         return out
+
+    @classmethod
+    def upgrade_config(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A run's saved options in this version's names, so that runs saved by an earlier version load."""
+        return saved
 
     @classmethod
     def make_config(cls, overrides: dict[str, Any] | None = None) -> Any:
