@@ -26,7 +26,7 @@ from pedcli.engine.train import TrainOptions, train
 from pedcli.engine.trunk_cache import open_trunk_cache, trunk_key
 from pedcli.errors import PedError
 from pedcli.models.methods import TrainConfig, create_method
-from pedcli.models.methods.base import Method
+from pedcli.models.methods.base import method_class
 from pedcli.models.methods.baseline import BaselineConfig
 
 TIME_KEYS = ("train_time_s", "val_time_s", "samples_per_s", "trunk_cache_s")
@@ -137,10 +137,44 @@ def test_run_folder_layout(reference_run: Path) -> None:
     assert not (reference_run / "trunk_cache").exists()  # removed when its stage ended
 
 
-@pytest.mark.parametrize("stop_after", [1, 3])  # inside the frozen stage (trunk cache reused), inside stage 2
+# Two stages on the frozen CNN: a run resumed at the boundary fills the second stage's trunk cache after
+# restoring its random state, where an uninterrupted run fills it before (the fill must not draw from it).
+TINY_HAN_FROZEN = {"embed_dim": 32, "word_dim": 16, "hidden": 16, "attention_dim": 16,
+                   "channel_reduction": 8, "stage1_freeze_trunk": True, "stage1_epochs": 2,
+                   "stage2_frozen_epochs": 2, "stage2_epochs": 0}  # fmt: skip
+
+
+def tiny_train_method(method: str, cache: Path, run: Path) -> None:
+    if method == "baseline":
+        tiny_train(cache, run)
+    else:
+        train(method, cache, run, method_options=TINY_HAN_FROZEN, options={"batch_size": 8}, seed=3,
+              progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_han_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted HAN run of two stages on the frozen CNN (2 + 2 epochs)."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("ref_han") / "run"
+    tiny_train_method("han", tiny_cache, run)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("method", "stop_after"),
+    # inside the frozen stage (trunk cache reused), at its end, inside stage 2; between two frozen stages
+    [("baseline", 1), ("baseline", 2), ("baseline", 3), ("han", 2)],
+)
 def test_resume_gives_the_uninterrupted_result(
-    tiny_cache: Path, reference_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_after: int
+    tiny_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    method: str,
+    stop_after: int,
 ) -> None:
+    reference = request.getfixturevalue("reference_run" if method == "baseline" else "reference_han_run")
     save = train_mod._Trainer._save
 
     def save_then_stop(self, record, state, *args):
@@ -151,18 +185,22 @@ def test_resume_gives_the_uninterrupted_result(
     vocab_calls: list[list[str]] = []  # the pretrained start is for a new run only: resume loads it trained
     run = tmp_path / "run"
     monkeypatch.setattr(train_mod._Trainer, "_save", save_then_stop)
-    monkeypatch.setattr(Method, "init_from_vocab", lambda self, words: vocab_calls.append(words))
+
+    def record_vocab(self, words: list[str]) -> None:
+        vocab_calls.append(words)
+
+    monkeypatch.setattr(method_class(method), "init_from_vocab", record_vocab)
     with pytest.raises(_Interrupt):
-        tiny_train(tiny_cache, run)
+        tiny_train_method(method, tiny_cache, run)
     assert vocab_calls == [json.loads((run / "vocab.json").read_text())]
     assert len(_metrics(run)) == stop_after
 
     monkeypatch.setattr(train_mod._Trainer, "_save", save)
     train(None, None, run, resume=True, progress=False)
     assert len(vocab_calls) == 1
-    assert _metrics(run) == _metrics(reference_run)
+    assert _metrics(run) == _metrics(reference)
     ours = load_checkpoint(checkpoint_path(run, "last"))["model"]
-    ref = load_checkpoint(checkpoint_path(reference_run, "last"))["model"]
+    ref = load_checkpoint(checkpoint_path(reference, "last"))["model"]
     for name, tensor in ref.items():  # bit for bit
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
 

@@ -263,6 +263,10 @@ def _train(
     history: list[dict[str, Any]] = []
     for index, stage in enumerate(stages):
         if index < state.stage or (index == state.stage and state.stage_epoch >= stage.epochs):
+            if index == state.stage:  # stopped at its end: drop its trunk cache as run_stage does there,
+                if ctx.is_main:  # so the next stage fills its own as an uninterrupted run does (a fill
+                    shutil.rmtree(run_dir / TRUNK_DIR, ignore_errors=True)  # draws from the RNG)
+                ctx.barrier()
             continue
         resume_states = ckpt if (ckpt is not None and index == ckpt["stage"]) else None
         if index > state.stage:
