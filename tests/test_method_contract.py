@@ -121,8 +121,10 @@ def embedded(model: Method, batch: Batch, encode: str) -> Features:
     return index_features(joined, torch.tensor(SHORT + rest).argsort())
 
 
-def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-5)
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> bool:
+    """Equal up to float32 summation order: with two threads PMA's fine scores of one pair computed in
+    differently shaped batches differed by 1e-4 (a padding bug moves them by far more)."""
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4)
 
 
 SCORING = [(n, {}) for n in METHODS] + [(n, o) for n in METHODS for o in SCORING_VARIANTS.get(n, [])]

@@ -55,9 +55,9 @@ Departures from the paper, all of them (each an option where it can be one):
 - Stages on a frozen CNN (the three options above) train with Adam at `frozen_lr` 5e-4
   (`frozen_optimizer=adam`), as every other method's frozen-CNN stage does, not with the paper's SGD:
   the paper's rates with momentum are sized for 80 + 60 epochs of 68k captions and barely move heads in
-  the few epochs a frozen-CNN schedule gets (the method comparison's 4 + 4: test R@1 2.8 ± 0.4 against
-  11.4 ± 1.7 with Adam, classification loss 10.36 → 10.27 against 10.46 → 7.79; He-normal FC layers
-  did not rescue SGD there: README). 5e-4 was chosen on validation over 1e-3 and 2.5e-4.
+  the few epochs a frozen-CNN schedule gets (the method comparison's 4 + 4 on one machine: test R@1
+  2.8 ± 0.4 against 11.4 ± 1.7 with Adam, classification loss 10.36 → 10.27 against 10.46 → 7.79;
+  He-normal FC layers did not rescue SGD there: README). 5e-4 was chosen on validation over 1e-3 and 2.5e-4.
   `frozen_optimizer=sgd frozen_lr=1e-3` is the paper's optimiser and stage-1 rate in those stages.
 """
 
