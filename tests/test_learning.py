@@ -68,7 +68,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], float]] = {
          "stage2_epochs": 10, "frozen_lr": 2e-3},
         {"batch_size": 16},
         # both stages on the frozen CNN, so HAN's frozen recipe (Adam) at a rate for these tiny widths;
-        # with the paper's SGD there (`frozen_optimizer=sgd`) it gained only 2.6–16.4 in these 18 epochs
+        # with SGD (at 3e-3 / 1e-3, before `frozen_lr`) it gained only 2.6–16.4 in these 18 epochs
         12.0,  # measured 16.4–31.0 (seeds 0–2 × one and two threads, 2 December 2026, frozen_lr 2e-3)
     ),
     "pma": (

@@ -137,8 +137,9 @@ def test_run_folder_layout(reference_run: Path) -> None:
     assert not (reference_run / "trunk_cache").exists()  # removed when its stage ended
 
 
-# Two stages on the frozen CNN: a run resumed at the boundary fills the second stage's trunk cache after
-# restoring its random state, where an uninterrupted run fills it before (the fill must not draw from it).
+# Two stages on the frozen CNN with one trunk: an uninterrupted run drops the first stage's trunk cache and
+# fills the second's afresh (the fill draws from the RNG); a run resumed between them must do the same,
+# not reuse the first stage's cache left on disk.
 TINY_HAN_FROZEN = {"embed_dim": 32, "word_dim": 16, "hidden": 16, "attention_dim": 16,
                    "channel_reduction": 8, "stage1_freeze_trunk": True, "stage1_epochs": 2,
                    "stage2_frozen_epochs": 2, "stage2_epochs": 0}  # fmt: skip
