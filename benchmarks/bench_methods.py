@@ -106,7 +106,7 @@ def schedule(method: str, s: Scale) -> list[str]:
             # the frozen part split half and half between the classification stage and the joint stage,
             # where the paper puts its ranking loss (its 80 : 60 would give 5 + 3, but the last joint
             # epoch was the best in 11 of 18 runs; 2 + 6, and the paper's ÷10 decay after 3 of each 4
-            # epochs, scored lower on validation: README); the joint stage then fine-tunes the CNN
+            # epochs, scored lower on validation: bench_methods.md); the joint stage then fine-tunes the CNN
             "han": [
                 "stage1_freeze_trunk=true",
                 f"stage1_epochs={f // 2}",
@@ -137,7 +137,7 @@ def schedule(method: str, s: Scale) -> list[str]:
 # its paper's SGD is sized for 80 + 60 epochs, and in 4 + 4 (seed 0) its losses moved 10.36 → 10.27 and
 # 12.44 → 12.10 (Adam: 10.46 → 7.79, 7.86 → 2.08). Adam's rate was chosen by validation: best val R@1 over
 # seeds 0-2 was 19.4 at 1e-3, 24.2 at 5e-4, 21.7 at 2.5e-4; over seeds 0-4, 24.7 at 5e-4 against 19.9 at
-# 2.5e-4 (README).
+# 2.5e-4 (bench_methods.md).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "han, paper SGD": ("han", ["frozen_optimizer=sgd", "frozen_lr=1e-3"])
 }

@@ -30,7 +30,7 @@ Departures from the paper, all of them (each an option where it can be one):
   file, `word_vectors=PATH word_dim=300` starts from it (`pedcli/text/word_vectors.py`; every pretrained
   start is rescaled to the random one's spread, see `RNNTextEncoder.init_words`); `word_vectors=minilm
   word_dim=384` starts from the offline MiniLM's input token embeddings, which did not beat random on
-  the comparison (README).
+  the comparison (benchmarks/bench_methods.md).
 - Channel attention: a ReLU between its two FC layers (sec. 4.2: "ReLU between full-connection
   layers"; `channel_relu=false` gives eq. 2 as printed, whose two linear layers then collapse to one).
 - Metric space: `normalize=true` (default) ranks unit-length g. The paper's raw 2048-d g make the
@@ -45,7 +45,7 @@ Departures from the paper, all of them (each an option where it can be one):
   on the positive pair alone at S = 1. `srank_form=printed` is the printed placement, on cosine
   similarities (the form its signs ask for).
 - Values the paper does not give: b = 1 (the identity mapping of eqs. 12–13); margin α = 0.2 (validation
-  over seeds 0–2 could not choose among 0.2, 0.3, 0.5 and 0.8: see the README's results); eq. 8's
+  over seeds 0–2 could not choose among 0.2, 0.3, 0.5 and 0.8: see benchmarks/bench_methods.md); eq. 8's
   word score uses a learned context vector (the hierarchical attention networks it cites); the decay
   epochs (`stage1_decay_epoch` 60, `stage2_decay_epoch` 40).
 - Not in the paper, off by default: `stage1_freeze_trunk` / `stage2_freeze_trunk` (train on cached
@@ -57,7 +57,8 @@ Departures from the paper, all of them (each an option where it can be one):
   the paper's rates with momentum are sized for 80 + 60 epochs of 68k captions and barely move heads in
   the few epochs a frozen-CNN schedule gets (the method comparison's 4 + 4 on one machine: test R@1
   2.8 ± 0.4 against 11.4 ± 1.7 with Adam, classification loss 10.36 → 10.27 against 10.46 → 7.79;
-  He-normal FC layers did not rescue SGD there: README). 5e-4 was chosen on validation over 1e-3 and 2.5e-4.
+  He-normal FC layers did not rescue SGD there: benchmarks/bench_methods.md). 5e-4 was chosen on
+  validation over 1e-3 and 2.5e-4.
   `frozen_optimizer=sgd frozen_lr=1e-3` is the paper's optimiser and stage-1 rate in those stages.
 """
 
@@ -124,7 +125,7 @@ class HANConfig:
     gamma_cls: float = 1.0  # γ2 of eq. 21
     optimizer: str = "sgd"  # where the CNN learns: "sgd" with momentum (sec. 4.2) | "adam" (not in the paper)
     frozen_optimizer: str = "adam"  # stages on a frozen CNN (not in the paper): "adam" | "sgd" (the paper's)
-    frozen_lr: float = 5e-4  # their rate (not in the paper; chosen on validation, README)
+    frozen_lr: float = 5e-4  # their rate (not in the paper; chosen on validation, bench_methods.md)
     stage1_epochs: int = 80
     stage1_lr: float = 1e-3
     stage1_decay_epoch: int = 60  # lr ÷ 10 "after the loss becomes stabilized" (epoch not given)

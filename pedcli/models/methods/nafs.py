@@ -59,7 +59,8 @@ Departures from the paper, and choices it leaves open (all of them, here):
 - RVN (eq. 8): l = 10 (`rvn_neighbours`; the paper gives none, the release uses 5), both neighbour
   lists from the global features as §3.4 says (the release takes the caption's from its full score).
   On the method comparison RVN lowered test R@1 on all three seeds (15.4 ± 0.7 → 13.4 ± 0.7), and no l
-  in 1–20, with either neighbour source, raised it by more than 0.6 on seeds 1 and 2 (README).
+  in 1–20, with either neighbour source, raised it by more than 0.6 on seeds 1 and 2
+  (benchmarks/bench_methods.md).
 - Table 2's "Global" row trains with CMPM and CMPC alone; asking for non-local attention over global
   features only is refused rather than silently changed.
 - Not in the paper, off by default: `frozen_epochs`, a warm-up with the CNN frozen (on cached maps)
